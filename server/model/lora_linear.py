@@ -1,0 +1,102 @@
+"""A linear layer whose output adds, for every token, the LoRA term of that token's own adapter slot.
+
+`base` computes x @ Wᵀ (+ bias). It is a dense layer here; the NF4 pass swaps in a 4-bit one, and the LoRA term
+never sees the difference. Packed projections (q/k/v, gate/up) are one layer with several output *slices*.
+"""
+
+from collections.abc import Sequence
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.lora_batch import LoraBatch
+from kernels.lora_torch import lora_expand_torch, lora_shrink_torch
+
+# One slice's adapter weights: (A [rank, in], B [out_k, rank], scale), or None where the adapter skips the slice.
+SliceWeights = tuple[torch.Tensor, torch.Tensor, float] | None
+
+
+class DenseBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, in_features: int, slice_sizes: Sequence[int], bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.slice_sizes = tuple(slice_sizes)
+        self.slice_offsets = (0, *accumulate(self.slice_sizes))  # slice k is columns offsets[k]:offsets[k + 1]
+        self.base: nn.Module = DenseBase(in_features, self.slice_offsets[-1], bias)
+        self.lora_a: torch.Tensor | None = None  # [num_slices, total_rows, in] once a pool is allocated
+        self.lora_bt: torch.Tensor | None = None  # [total_rows, out_features]
+        # Slot tables, host side (see kernels.lora_torch for the layout).
+        self.slot_row_starts: list[int] = []
+        self.slot_ranks: list[list[int]] = []
+        self.slot_scales: list[list[float]] = []
+
+    @property
+    def out_features(self) -> int:
+        return self.slice_offsets[-1]
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slice_sizes)
+
+    # ---------------------------------------------------------------- adapter slots
+
+    def allocate_lora_pool(self, total_rows: int, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Room for `num_slots` adapters sharing `total_rows` rows (a slot of rank r uses r of them)."""
+        self.lora_a = torch.zeros(self.num_slices, total_rows, self.in_features, dtype=dtype, device=device)
+        self.lora_bt = torch.zeros(total_rows, self.out_features, dtype=dtype, device=device)
+        self.slot_row_starts = [0] * num_slots
+        self.slot_ranks = [[0] * self.num_slices for _ in range(num_slots)]
+        self.slot_scales = [[0.0] * self.num_slices for _ in range(num_slots)]
+
+    def load_slot(self, slot: int, row_start: int, slices: Sequence[SliceWeights]) -> None:
+        assert self.lora_a is not None and self.lora_bt is not None, "allocate_lora_pool first"
+        assert len(slices) == self.num_slices
+        ranks, scales = [], []
+        for k, weights in enumerate(slices):
+            if weights is None:
+                ranks.append(0)
+                scales.append(0.0)
+                continue
+            a, b, scale = weights
+            rank = a.shape[0]
+            lo, hi = self.slice_offsets[k], self.slice_offsets[k + 1]
+            assert a.shape == (rank, self.in_features) and b.shape == (hi - lo, rank), (a.shape, b.shape)
+            assert row_start + rank <= self.lora_a.shape[1], "slot rows run past the pool"
+            self.lora_a[k, row_start : row_start + rank].copy_(a)
+            self.lora_bt[row_start : row_start + rank, lo:hi].copy_(b.T)
+            ranks.append(rank)
+            scales.append(float(scale))
+        self.slot_row_starts[slot] = row_start
+        self.slot_ranks[slot] = ranks
+        self.slot_scales[slot] = scales
+
+    def clear_slot(self, slot: int) -> None:
+        self.slot_ranks[slot] = [0] * self.num_slices
+        self.slot_scales[slot] = [0.0] * self.num_slices
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        # x: [num_tokens, in] -> out: [num_tokens, out_features]
+        out = self.base(x)
+        if lora is None or not lora.has_lora or self.lora_a is None:
+            return out
+        y = lora_shrink_torch(x, self.lora_a, lora, self.slot_row_starts, self.slot_ranks, self.slot_scales)
+        lora_expand_torch(y, self.lora_bt, out, lora, self.slot_row_starts, self.slot_ranks, self.slice_offsets)
+        return out
