@@ -69,6 +69,8 @@ class ContiguousKVCache:
         self.chunks = chunks
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if all(chunk.num_tokens == 1 for chunk in self.chunks):
+            return self._attend_decode(layer, q, k, v)
         out = torch.empty_like(q)
         for chunk in self.chunks:
             new = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
@@ -82,3 +84,20 @@ class ContiguousKVCache:
             attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, enable_gqa=True)
             out[new] = attended.transpose(0, 1)
         return out
+
+    def _attend_decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence: a single padded SDPA over all rows instead of a loop over sequences."""
+        rows = torch.tensor([c.cache_row for c in self.chunks], device=q.device)
+        positions = torch.tensor([c.start_position for c in self.chunks], device=q.device)
+        self.k_cache[layer, rows, positions] = k
+        self.v_cache[layer, rows, positions] = v
+        key_len = int(positions.max()) + 1
+        keys = self.k_cache[layer, rows, :key_len].transpose(1, 2)  # [num_seqs, num_kv_heads, key_len, head_dim]
+        values = self.v_cache[layer, rows, :key_len].transpose(1, 2)
+        key_positions = torch.arange(key_len, device=q.device)[None, :]
+        mask = key_positions <= positions[:, None]  # [num_seqs, key_len]: each row sees only its own past
+        if self.sliding_window is not None:
+            mask &= key_positions > positions[:, None] - self.sliding_window
+        attended = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask[:, None, None, :],
+                                                  enable_gqa=True)  # [num_seqs, num_heads, 1, head_dim]
+        return attended[:, :, 0, :]

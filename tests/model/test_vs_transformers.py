@@ -56,19 +56,32 @@ def test_logits_match_transformers(case, tmp_path):
         assert_close_relative(ours, hf_logits(hf_model, seq))
 
 
-def test_decode_steps_match_prefill(tmp_path):
-    """Token-by-token decoding through the cache gives the logits of one full prefill."""
+def test_batched_decode_matches_prefill(tmp_path):
+    """Prefill three prompts of different lengths together, then decode them token by token in one batch: each
+    sequence's logits equal one full prefill of it (Mistral window 5, so decode also crosses the window)."""
     hf_model = save_random_hf_model(tmp_path, "MistralForCausalLM", sliding_window=5)
     model = load_model(tmp_path, torch.device("cpu"), torch.float32)
-    seq = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    generator = torch.Generator().manual_seed(3)
+    prompt_lens, num_decode = (4, 1, 7), 9
+    sequences = [torch.randint(0, 97, (n + num_decode,), generator=generator).tolist() for n in prompt_lens]
     c = model.config
-    cache = ContiguousKVCache(c.num_layers, 1, len(seq), c.num_kv_heads, c.head_dim, torch.float32, "cpu",
-                              c.sliding_window)
-    stepped = []
-    for pos, token in enumerate(seq):
-        cache.set_batch((SequenceChunk(0, 0, 1, pos),))
-        stepped.append(model.compute_logits(model(torch.tensor([token]), torch.tensor([pos]), cache))[0])
-    assert_close_relative(torch.stack(stepped), hf_logits(hf_model, seq))
+    cache = ContiguousKVCache(c.num_layers, 3, max(map(len, sequences)), c.num_kv_heads, c.head_dim, torch.float32,
+                              "cpu", c.sliding_window)
+    chunks = [SequenceChunk(row, sum(prompt_lens[:row]), n, 0) for row, n in enumerate(prompt_lens)]
+    cache.set_batch(tuple(chunks))
+    ids = torch.tensor([t for seq, n in zip(sequences, prompt_lens, strict=True) for t in seq[:n]])
+    positions = torch.tensor([p for n in prompt_lens for p in range(n)])
+    logits = model.compute_logits(model(ids, positions, cache))
+    per_seq = [list(chunk) for chunk in logits.split(prompt_lens)]
+    for step in range(num_decode):
+        positions = [n + step for n in prompt_lens]
+        cache.set_batch(tuple(SequenceChunk(row, row, 1, pos) for row, pos in enumerate(positions)))
+        ids = torch.tensor([seq[pos] for seq, pos in zip(sequences, positions, strict=True)])
+        step_logits = model.compute_logits(model(ids, torch.tensor(positions), cache))
+        for row in range(3):
+            per_seq[row].append(step_logits[row])
+    for seq, logits_rows in zip(sequences, per_seq, strict=True):
+        assert_close_relative(torch.stack(logits_rows), hf_logits(hf_model, seq))
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
