@@ -1,65 +1,42 @@
 """Parse a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into per-module A/B weights,
-checked against the base model: every tensor must belong to a targeted module, fit its shape and be finite."""
+checked against the base model: every tensor must belong to a targeted module, fit its shape and be finite, and
+every targeted module must have both of its tensors."""
 
+import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from adapters_store.base_model import BaseModelDescription
+from adapters_store.base_model import BaseModelDescription, full_module_name
 from adapters_store.errors import AdapterError
+from adapters_store.lora_adapter import LoraAdapter, LoraModuleWeights
 from adapters_store.peft_config import CONFIG_FILE, parse_lora_config
+from adapters_store.peft_targets import TargetSpec, resolve_targets
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # never unpickled: loading one can run arbitrary code
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# base_model.model.<module name>.lora_A.weight (an adapter-name segment before .weight is tolerated)
-_TENSOR_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[\w-]+)?\.weight")
-
-
-@dataclass(frozen=True)
-class LoraModuleWeights:
-    lora_a: torch.Tensor  # [rank, in_features]
-    lora_b: torch.Tensor  # [out_features, rank]
-    scale: float  # alpha / rank, or alpha / sqrt(rank) for rsLoRA
-
-    @property
-    def rank(self) -> int:
-        return self.lora_a.shape[0]
-
-
-@dataclass(frozen=True)
-class LoraAdapter:
-    modules: dict[tuple[int, str], LoraModuleWeights]  # (layer, module such as "q_proj") -> weights
-    config: dict[str, Any]
-
-    @property
-    def max_rank(self) -> int:
-        return max(w.rank for w in self.modules.values())
-
-    @property
-    def ranks(self) -> list[int]:
-        return sorted({w.rank for w in self.modules.values()})
-
-    @property
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.modules.values() for t in (w.lora_a, w.lora_b))
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# PEFT's save_pretrained drops the adapter name, and its loader would not accept a key that kept it.
+_TENSOR_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+_VELORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_velora_embed")
 
 
 def load_peft_adapter(directory: str | os.PathLike, base: BaseModelDescription) -> LoraAdapter:
+    """Read a directory written by PEFT's save_pretrained. Pickle checkpoints are refused, never opened."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise AdapterError(str(directory), "is not a directory")
+        raise AdapterError(str(directory), "not a directory")
     if not (directory / WEIGHTS_FILE).is_file():
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise AdapterError(pickles[0], "pickle weight files are refused (they can run code when loaded); "
-                                           f"save the adapter as {WEIGHTS_FILE}")
+            raise AdapterError(pickles[0], "pickle weight files are refused (loading one can run code); save the "
+                                           f"adapter with safe_serialization=True to get {WEIGHTS_FILE}")
         raise AdapterError(WEIGHTS_FILE, f"missing from {directory}")
     if not (directory / CONFIG_FILE).is_file():
         raise AdapterError(CONFIG_FILE, f"missing from {directory}")
@@ -67,41 +44,66 @@ def load_peft_adapter(directory: str | os.PathLike, base: BaseModelDescription) 
 
 
 def parse_peft_adapter(config_bytes: bytes, safetensors_bytes: bytes, base: BaseModelDescription) -> LoraAdapter:
-    spec = parse_lora_config(config_bytes, base)
+    config = parse_lora_config(config_bytes)
+    targets = resolve_targets(config, base)
     try:
-        tensors = load_safetensors(safetensors_bytes)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as error:
+        tensors = load_safetensors(safetensors_bytes)  # plain data, no pickle
+    except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise AdapterError(WEIGHTS_FILE, f"not a readable safetensors file ({error})") from None
     if not tensors:
         raise AdapterError(WEIGHTS_FILE, "holds no tensors")
 
     module_names = base.module_names()
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {key: {} for key in targets}
+    for key, tensor in sorted(tensors.items()):  # sorted: the same file always fails on the same tensor
+        velora = _VELORA_KEY.fullmatch(key) if config.is_velora else None
+        if velora and module_names.get(velora.group("module")) in targets:
+            continue  # VeLoRA's compressed-activation basis: only its training backward reads it
         match = _TENSOR_KEY.fullmatch(key)
-        name = match.group("module") if match else None
-        if name not in module_names or not spec.targets(name, module_names[name][0]):
-            raise AdapterError(key, "unexpected tensor: not the lora_A or lora_B weight of a targeted module")
-        halves.setdefault(name, {})[match.group("which")] = tensor
+        if not match:
+            raise _tensor_error(key, "unexpected tensor: only lora_A.weight and lora_B.weight tensors are supported "
+                                     "(DoRA magnitudes, biases, embeddings and full modules are not)")
+        module = module_names.get(match.group("module"))
+        if module is None:
+            raise _tensor_error(key, f"unexpected tensor: {base.describe()} has no such LoRA-capable module")
+        if module not in targets:
+            raise _tensor_error(key, f"unexpected tensor: {CONFIG_FILE} does not target this module (see "
+                                     "target_modules, exclude_modules and layers_to_transform)")
+        halves[module][match.group("which")] = tensor
 
-    modules: dict[tuple[int, str], LoraModuleWeights] = {}
-    for name, pair in halves.items():
-        layer, module = module_names[name]
-        for which in "AB":
-            if which not in pair:
-                other = "B" if which == "A" else "A"
-                raise AdapterError(f"base_model.model.{name}.lora_{which}.weight", f"missing (lora_{other} is there)")
-        rank, scale = spec.rank_and_scale(name)
-        in_features, out_features = base.module_shapes[module]
-        a, b = pair["A"], pair["B"]
-        for which, tensor, expected in (("A", a, (rank, in_features)), ("B", b, (out_features, rank))):
-            key = f"base_model.model.{name}.lora_{which}.weight"
-            if tensor.dtype not in _FLOAT_DTYPES:
-                raise AdapterError(key, f"dtype {tensor.dtype} is not float32, float16 or bfloat16")
-            if tuple(tensor.shape) != expected:
-                raise AdapterError(key, f"shape {tuple(tensor.shape)} does not fit the base model and rank {rank} "
-                                        f"(expected {expected})")
-            if not torch.isfinite(tensor).all():
-                raise AdapterError(key, "holds NaN or Inf values")
-        modules[(layer, module)] = LoraModuleWeights(lora_a=a.contiguous(), lora_b=b.contiguous(), scale=scale)
-    return LoraAdapter(modules=modules, config=spec.raw)
+    modules = {module: _module_weights(module, pair, targets[module], base) for module, pair in halves.items()}
+    adapter = LoraAdapter(modules=modules, config=config.raw)
+    logger.debug("parsed a LoRA adapter: %d modules, ranks %s", len(modules), adapter.ranks)
+    return adapter
+
+
+def _module_weights(module: tuple[int, str], pair: dict[str, torch.Tensor], target: TargetSpec,
+                    base: BaseModelDescription) -> LoraModuleWeights:
+    keys = {which: f"base_model.model.{full_module_name(*module)}.lora_{which}.weight" for which in "AB"}
+    for which, other in (("A", "B"), ("B", "A")):
+        if which not in pair:
+            reason = f"lora_{other} is there" if other in pair else f"{CONFIG_FILE} targets this module"
+            raise _tensor_error(keys[which], f"missing ({reason})")
+    a, b = pair["A"], pair["B"]
+    for which, tensor in (("A", a), ("B", b)):
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise _tensor_error(keys[which], f"dtype {tensor.dtype} is not float32, float16 or bfloat16")
+
+    in_features, out_features = base.module_shapes[module[1]]
+    # A and B that agree with each other and with the base but not with the config: name the config's rank as the
+    # culprit, since "wrong shape" alone would hide it.
+    if (a.dim() == b.dim() == 2 and a.shape[1] == in_features and b.shape[0] == out_features
+            and a.shape[0] == b.shape[1] != target.rank):
+        raise _tensor_error(keys["A"], f"rank {a.shape[0]} does not match the configured rank {target.rank} "
+                                       f"({CONFIG_FILE}: {target.rank_field})")
+    for which, tensor, expected in (("A", a, (target.rank, in_features)), ("B", b, (out_features, target.rank))):
+        if tuple(tensor.shape) != expected:
+            raise _tensor_error(keys[which], f"shape {tuple(tensor.shape)} does not fit {module[1]} of the base "
+                                             f"model at rank {target.rank}: expected {expected}")
+        if not torch.isfinite(tensor).all():
+            raise _tensor_error(keys[which], "holds NaN or Inf values")
+    return LoraModuleWeights(lora_a=a.contiguous(), lora_b=b.contiguous(), scale=target.scale)
+
+
+def _tensor_error(key: str, message: str) -> AdapterError:
+    return AdapterError(key, message, file=WEIGHTS_FILE)
