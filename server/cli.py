@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 from adapters_store import AdapterError, load_peft_adapter
+from kernels.lora_ops import LORA_BACKENDS, resolve_lora_backend
 from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
 from server.engine.base_description import describe_base_model
 from server.engine.offline import GenerationError, GenerationRequest, generate
 from server.engine.sampler import SamplingError, SamplingParams
 from server.model.config import ModelConfigError
 from server.model.loader import load_model, read_config, resolve_device, resolve_dtype
-from server.model.nf4 import quantize_nf4_
 from server.model.tokenizer import load_tokenizer
 
 logger = logging.getLogger("lora_server")
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize", choices=["none", "nf4"], default="none")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    gen.add_argument("--lora-backend", choices=list(LORA_BACKENDS), default="auto",
+                     help="per-token LoRA math: Triton kernels (auto on CUDA) or plain torch (auto on CPU)")
     gen.add_argument("--requests", type=Path, required=True,
                      help='JSONL: {"prompt": str} or {"prompt_token_ids": [int]}, plus "adapter", "max_new_tokens", '
                           '"temperature", "top_p", "top_k", "seed"')
@@ -60,8 +62,13 @@ def run_generate(args: argparse.Namespace) -> None:
         adapter_dirs[name] = Path(path)
 
     device = resolve_device(args.device)
+    try:
+        lora_backend = resolve_lora_backend(args.lora_backend, device)
+    except ValueError as error:
+        raise CliError(str(error)) from None
     checkpoint_dtype = read_config(Path(model_dir)).checkpoint_dtype
     model = load_model(model_dir, device, resolve_dtype(args.dtype, device, checkpoint_dtype))
+    model.set_lora_backend(lora_backend)
     report_weight_bytes(model, quantize=args.quantize == "nf4")
     tokenizer = load_tokenizer(model_dir, model.config.eos_token_ids)
     base = describe_base_model(model.config, name=str(model_dir))
@@ -79,6 +86,8 @@ def report_weight_bytes(model, quantize: bool) -> None:
     """Quantize if asked, and say how many bytes the decoder's linear weights take."""
     linear_bytes = sum(linear.base.weight_bytes for linear in model.lora_linears())
     if quantize:
+        from server.model.nf4 import quantize_nf4_  # bitsandbytes is imported only when asked for
+
         dense, nf4 = quantize_nf4_(model)
         logger.info("NF4: decoder linear weights %.2f MB -> %.2f MB (%.3fx)", dense / 1e6, nf4 / 1e6, nf4 / dense)
         linear_bytes = nf4

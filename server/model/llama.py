@@ -119,6 +119,11 @@ class LlamaModel(nn.Module):
     def lora_linears(self) -> list[LoraLinear]:
         return [m for m in self.modules() if isinstance(m, LoraLinear)]
 
+    def set_lora_backend(self, backend: str) -> None:
+        """A resolved backend name ("torch" or "triton", see kernels.lora_ops.resolve_lora_backend)."""
+        for linear in self.lora_linears():
+            linear.lora_backend = backend
+
     def allocate_lora_pool(self, total_rows: int, num_slots: int) -> None:
         weight = self.embed_tokens.weight
         for linear in self.lora_linears():

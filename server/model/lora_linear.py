@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.lora_batch import LoraBatch
-from kernels.lora_torch import lora_expand_torch, lora_shrink_torch
+from kernels.lora_ops import apply_lora
 
 # One slice's adapter weights: (A [rank, in], B [out_k, rank], scale), or None where the adapter skips the slice.
 SliceWeights = tuple[torch.Tensor, torch.Tensor, float] | None
@@ -45,6 +45,10 @@ class LoraLinear(nn.Module):
         self.slot_row_starts: list[int] = []
         self.slot_ranks: list[list[int]] = []
         self.slot_scales: list[list[float]] = []
+        # The same tables on the device, for the Triton backend (refreshed whenever a slot changes).
+        self.slot_tables: dict[str, torch.Tensor] = {}
+        self.max_loaded_rank = 0
+        self.lora_backend = "torch"  # "torch" or "triton", resolved by whoever builds the model (see kernels.lora_ops)
 
     @property
     def out_features(self) -> int:
@@ -63,6 +67,7 @@ class LoraLinear(nn.Module):
         self.slot_row_starts = [0] * num_slots
         self.slot_ranks = [[0] * self.num_slices for _ in range(num_slots)]
         self.slot_scales = [[0.0] * self.num_slices for _ in range(num_slots)]
+        self._sync_slot_tables()
 
     def load_slot(self, slot: int, row_start: int, slices: Sequence[SliceWeights]) -> None:
         assert self.lora_a is not None and self.lora_bt is not None, "allocate_lora_pool first"
@@ -85,10 +90,23 @@ class LoraLinear(nn.Module):
         self.slot_row_starts[slot] = row_start
         self.slot_ranks[slot] = ranks
         self.slot_scales[slot] = scales
+        self._sync_slot_tables()
 
     def clear_slot(self, slot: int) -> None:
         self.slot_ranks[slot] = [0] * self.num_slices
         self.slot_scales[slot] = [0.0] * self.num_slices
+        self._sync_slot_tables()
+
+    def _sync_slot_tables(self) -> None:
+        # Slots change when adapters load, not per step, so a small host-to-device copy here is cheap.
+        device = self.lora_a.device
+        self.max_loaded_rank = max((max(ranks) for ranks in self.slot_ranks), default=0)
+        self.slot_tables = {
+            "slot_row_starts": torch.tensor(self.slot_row_starts, dtype=torch.int32, device=device),
+            "slot_ranks": torch.tensor(self.slot_ranks, dtype=torch.int32, device=device),
+            "slot_scales": torch.tensor(self.slot_scales, dtype=torch.float32, device=device),
+            "slice_offsets": torch.tensor(self.slice_offsets, dtype=torch.int32, device=device),
+        }
 
     # ---------------------------------------------------------------- forward
 
@@ -97,6 +115,8 @@ class LoraLinear(nn.Module):
         out = self.base(x)
         if lora is None or not lora.has_lora or self.lora_a is None:
             return out
-        y = lora_shrink_torch(x, self.lora_a, lora, self.slot_row_starts, self.slot_ranks, self.slot_scales)
-        lora_expand_torch(y, self.lora_bt, out, lora, self.slot_row_starts, self.slot_ranks, self.slice_offsets)
+        apply_lora(self.lora_backend, x, out, self.lora_a, self.lora_bt, lora,
+                   slot_row_starts_host=self.slot_row_starts, slot_ranks_host=self.slot_ranks,
+                   slot_scales_host=self.slot_scales, slice_offsets_host=self.slice_offsets, **self.slot_tables,
+                   max_rank=self.max_loaded_rank)  # a bound known up front: no per-call scan of the segments
         return out
