@@ -46,3 +46,9 @@ def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
     """Logits [len, vocab] of one unpadded sequence, fp32."""
     with torch.no_grad():
         return hf_model(torch.tensor([token_ids])).logits[0].float()
+
+
+def assert_close_relative(ours: torch.Tensor, reference: torch.Tensor, tol: float = 1e-4) -> None:
+    """Max absolute error relative to the reference's largest magnitude."""
+    error = (ours - reference).abs().max() / reference.abs().max()
+    assert error <= tol, f"max relative error {error:.2e} > {tol}"

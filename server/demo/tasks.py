@@ -14,6 +14,9 @@ MIN_TEXT_CHARS = 5
 MAX_TEXT_CHARS = 24
 MAX_WORD_CHARS = 8
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# The held-out texts of the acceptance test; training never sees them.
+EVAL_SEED = 1234
+NUM_EVAL_TEXTS = 200
 
 
 def make_prompt(text: str) -> str:

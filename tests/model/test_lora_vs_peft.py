@@ -12,8 +12,7 @@ from server.engine.offline import GenerationRequest, generate, load_adapters_int
 from server.engine.sampler import SamplingParams
 from server.model.attention import ContiguousKVCache, SequenceChunk
 from server.model.loader import load_model
-from tests.model.test_vs_transformers import assert_close_relative
-from tests.reference import add_random_lora, hf_logits, save_random_hf_model
+from tests.reference import add_random_lora, assert_close_relative, hf_logits, save_random_hf_model
 
 ADAPTERS = {
     "plain": dict(r=8, lora_alpha=16),

@@ -10,8 +10,8 @@ from server.engine.offline import load_adapters_into_slots
 from server.model.attention import ContiguousKVCache, SequenceChunk
 from server.model.loader import load_model
 from server.model.nf4 import Nf4Base, quantize_nf4_
-from tests.model.test_vs_transformers import assert_close_relative, our_logits
-from tests.reference import add_random_lora, save_random_hf_model
+from tests.model.test_vs_transformers import our_logits
+from tests.reference import add_random_lora, assert_close_relative, save_random_hf_model
 
 
 def test_nf4_equals_dense_model_with_dequantized_weights(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from server.model.attention import ContiguousKVCache, SequenceChunk
 from server.model.config import ModelConfigError
 from server.model.loader import load_model
-from tests.reference import hf_logits, save_random_hf_model
+from tests.reference import assert_close_relative, hf_logits, save_random_hf_model
 
 CASES = {
     "llama": ("LlamaForCausalLM", {}),
@@ -37,11 +37,6 @@ def our_logits(model, sequences: list[list[int]]) -> list[torch.Tensor]:
     positions = torch.tensor([p for seq in sequences for p in range(len(seq))])
     logits = model.compute_logits(model(ids, positions, cache))
     return list(logits.split([len(s) for s in sequences]))
-
-
-def assert_close_relative(ours: torch.Tensor, reference: torch.Tensor, tol: float = 1e-4) -> None:
-    error = (ours - reference).abs().max() / reference.abs().max()
-    assert error <= tol, f"max relative error {error:.2e} > {tol}"
 
 
 @pytest.mark.parametrize("case", CASES)
