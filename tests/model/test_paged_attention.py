@@ -1,0 +1,54 @@
+"""The paged KV cache against transformers: chunked prefills and decodes of several sequences share forward passes,
+with their blocks scattered over the cache in random order; every position's logits match one full prefill."""
+
+import random
+
+import torch
+
+from server.model.attention import PagedKVCache, PagedSequenceChunk
+from server.model.loader import load_model
+from tests.reference import assert_close_relative, hf_logits, save_random_hf_model
+
+BLOCK_SIZE = 4
+
+
+def test_chunked_prefill_and_decode_through_scattered_blocks(tmp_path):
+    hf_model = save_random_hf_model(tmp_path, "MistralForCausalLM", sliding_window=6, seed=4)
+    model = load_model(tmp_path, torch.device("cpu"), torch.float32)
+    c = model.config
+    generator = torch.Generator().manual_seed(5)
+    sequences = [torch.randint(0, 97, (n,), generator=generator).tolist() for n in (25, 19, 20)]
+    free_blocks = list(range(40))
+    random.Random(6).shuffle(free_blocks)  # blocks out of order, so a wrong block table cannot go unnoticed
+    block_tables: list[list[int]] = [[] for _ in sequences]
+    cache = PagedKVCache(c.num_layers, 40, BLOCK_SIZE, c.num_kv_heads, c.head_dim, torch.float32, "cpu",
+                         c.sliding_window)
+    computed = [0, 0, 0]  # positions of each sequence already in the cache
+    logits_by_seq: list[list[torch.Tensor]] = [[] for _ in sequences]
+    # Per step: how many new tokens each sequence feeds (0 = sits out): chunked prefills beside decodes.
+    plan = [(7, 0, 0), (5, 11, 0), (7, 1, 9), (0, 1, 5)] + [(1, 1, 1)] * 6
+
+    for step in plan:
+        chunks, ids, positions, start = [], [], [], 0
+        for i, n in enumerate(step):
+            if n == 0:
+                continue
+            end = computed[i] + n
+            while len(block_tables[i]) * BLOCK_SIZE < end:
+                block_tables[i].append(free_blocks.pop())
+            key_slots = torch.tensor([block_tables[i][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                                      for p in range(end)])
+            chunks.append(PagedSequenceChunk(start, n, computed[i], key_slots))
+            ids += sequences[i][computed[i]:end]
+            positions += range(computed[i], end)
+            start += n
+        cache.set_batch(tuple(chunks))
+        logits = model.compute_logits(model(torch.tensor(ids), torch.tensor(positions), cache))
+        active = [i for i, n in enumerate(step) if n]
+        for i, chunk_logits in zip(active, logits.split([step[i] for i in active]), strict=True):
+            logits_by_seq[i] += list(chunk_logits)
+            computed[i] += step[i]
+
+    assert computed == [len(s) for s in sequences]
+    for seq, rows in zip(sequences, logits_by_seq, strict=True):
+        assert_close_relative(torch.stack(rows), hf_logits(hf_model, seq))
