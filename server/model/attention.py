@@ -53,8 +53,9 @@ class ContiguousKVCache:
     def __init__(self, num_layers: int, num_rows: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, sliding_window: int | None = None) -> None:
         shape = (num_layers, num_rows, max_len, num_kv_heads, head_dim)
-        self.k_cache = torch.empty(shape, dtype=dtype, device=device)
-        self.v_cache = torch.empty(shape, dtype=dtype, device=device)
+        # Zeros, not empty: masked-out keys get weight 0, but 0 × a NaN left in uninitialised memory is still NaN.
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.sliding_window = sliding_window
         self.chunks: tuple[SequenceChunk, ...] = ()
 
