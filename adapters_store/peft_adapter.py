@@ -13,9 +13,11 @@ from safetensors.torch import load as load_safetensors
 
 from adapters_store.base_model import BaseModelDescription, full_module_name
 from adapters_store.errors import AdapterError
+from adapters_store.limits import StoreLimits, check_ranks
 from adapters_store.lora_adapter import LoraAdapter, LoraModuleWeights
 from adapters_store.peft_config import CONFIG_FILE, parse_lora_config
 from adapters_store.peft_targets import TargetSpec, resolve_targets
+from adapters_store.safetensors_header import DEFAULT_MAX_HEADER_BYTES, check_safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,8 @@ _TENSOR_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB
 _VELORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_velora_embed")
 
 
-def load_peft_adapter(directory: str | os.PathLike, base: BaseModelDescription) -> LoraAdapter:
+def load_peft_adapter(directory: str | os.PathLike, base: BaseModelDescription,
+                      limits: StoreLimits | None = None) -> LoraAdapter:
     """Read a directory written by PEFT's save_pretrained. Pickle checkpoints are refused, never opened."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -40,12 +43,22 @@ def load_peft_adapter(directory: str | os.PathLike, base: BaseModelDescription) 
         raise AdapterError(WEIGHTS_FILE, f"missing from {directory}")
     if not (directory / CONFIG_FILE).is_file():
         raise AdapterError(CONFIG_FILE, f"missing from {directory}")
-    return parse_peft_adapter((directory / CONFIG_FILE).read_bytes(), (directory / WEIGHTS_FILE).read_bytes(), base)
+    return parse_peft_adapter((directory / CONFIG_FILE).read_bytes(), (directory / WEIGHTS_FILE).read_bytes(), base,
+                              limits)
 
 
-def parse_peft_adapter(config_bytes: bytes, safetensors_bytes: bytes, base: BaseModelDescription) -> LoraAdapter:
+def parse_peft_adapter(config_bytes: bytes, safetensors_bytes: bytes, base: BaseModelDescription,
+                       limits: StoreLimits | None = None) -> LoraAdapter:
+    """`limits`, when given, caps the ranks and the safetensors header; without, only the default header cap applies.
+    File sizes are the caller's to check, before the bytes are even read (see upload.split_upload)."""
     config = parse_lora_config(config_bytes)
     targets = resolve_targets(config, base)
+    if limits is not None:
+        check_ranks(targets, limits)
+    # Our own header check first: the library would allocate a header of any declared size, and its messages do not
+    # name the tensor at fault.
+    check_safetensors_header(safetensors_bytes, file=WEIGHTS_FILE,
+                             max_header_bytes=limits.max_header_bytes if limits else DEFAULT_MAX_HEADER_BYTES)
     try:
         tensors = load_safetensors(safetensors_bytes)  # plain data, no pickle
     except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as error:

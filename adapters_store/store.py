@@ -1,0 +1,247 @@
+"""The adapter store: validated uploads, kept durably by content hash, found by (tenant, adapter id, version).
+
+    store = AdapterStore.open(root, base)
+    record = store.put("acme", "support-bot", {"adapter_config.json": ..., "adapter_model.safetensors": ...})
+    record = store.get("acme", "support-bot")          # the latest version; get(..., version=1) for another
+    with store.held(record):                           # a delete waits for the last holder before removing files
+        adapter = store.read(record)                   # LoraAdapter, checksum verified
+
+Layout under root: `registry.sqlite3` (rows), `blobs/ab/abcd...` (each file of each version, by sha256), `tmp/`
+(writes in flight), `quarantine/` (blobs that failed a checksum), `lock` (one open store per root).
+
+A put validates fully, then writes its two blobs durably, then commits the row: a crash at any point leaves either
+the whole version or none of it visible (open() clears what a crash left behind; see recovery.py).
+A get only sees versions made for this store's base model (`base_fingerprint`); others read as not found."""
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from adapters_store.base_model import BaseModelDescription
+from adapters_store.blobs import BlobStore, sha256_hex
+from adapters_store.limits import StoreLimits
+from adapters_store.lora_adapter import LoraAdapter
+from adapters_store.peft_adapter import WEIGHTS_FILE, parse_peft_adapter
+from adapters_store.peft_config import CONFIG_FILE
+from adapters_store.recovery import RecoveryReport, recover
+from adapters_store.registry import DELETED, READY, UNUSABLE, AdapterVersion, Registry
+from adapters_store.store_errors import AdapterNotFound, AdapterUnusable, StoreLocked
+from adapters_store.upload import check_id, split_upload
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_FILE = "registry.sqlite3"
+
+
+def base_fingerprint_of(base: BaseModelDescription) -> str:
+    """A fingerprint of the shapes an adapter is validated against; the server may pass a stricter one (the base
+    checkpoint's hash) to AdapterStore.open instead."""
+    shapes = {"num_layers": base.num_layers, "module_shapes": sorted(base.module_shapes.items())}
+    return "shapes:" + hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
+
+
+def bundle_sha256(config_sha256: str, weights_sha256: str) -> str:
+    """One hash for a version's content: sha256 over its two files' hashes, in a fixed order."""
+    return hashlib.sha256(f"{CONFIG_FILE}:{config_sha256}\n{WEIGHTS_FILE}:{weights_sha256}\n".encode()).hexdigest()
+
+
+class AdapterStore:
+    def __init__(self, root: Path, base: BaseModelDescription, limits: StoreLimits, base_fingerprint: str,
+                 lock_fd: int, blobs: BlobStore, registry: Registry, recovery: RecoveryReport) -> None:
+        """Use AdapterStore.open."""
+        self.root, self.base, self.limits, self.base_fingerprint = root, base, limits, base_fingerprint
+        self.recovery = recovery  # what open() repaired
+        self._lock_fd, self._blobs, self._registry = lock_fd, blobs, registry
+        # Guards holds, blob removal and the commit of a put, so that a blob is never removed under a new row.
+        self._lock = threading.Lock()
+        self._holds: dict[tuple[str, str, int], tuple[int, AdapterVersion]] = {}  # key -> (count, record)
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, base: BaseModelDescription, limits: StoreLimits | None = None,
+             base_fingerprint: str = "") -> "AdapterStore":
+        """Open (or create) the store at `root`, repairing what a crash or a bad disk left behind."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel when a process dies
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise StoreLocked(f"adapter store {root} is already open") from None
+        try:
+            blobs, registry = BlobStore(root), Registry(root / REGISTRY_FILE)
+            report = recover(blobs, registry)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(root, base, limits or StoreLimits(), base_fingerprint or base_fingerprint_of(base), lock_fd, blobs,
+                   registry, report)
+
+    def close(self) -> None:
+        """Idempotent: the fixture that opened a store may close it after a test already has."""
+        if self._lock_fd < 0:
+            return
+        self._registry.close()
+        os.close(self._lock_fd)  # releases the flock
+        self._lock_fd = -1
+
+    def __enter__(self) -> "AdapterStore":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- upload ------------------------------------------------------------------------------------------------
+
+    def put(self, tenant: str, adapter_id: str, files: Mapping[str, bytes]) -> AdapterVersion:
+        """Store a new adapter, or a new version of an existing one. Raises AdapterError, before writing anything,
+        for anything refused."""
+        check_id(tenant, "tenant")
+        check_id(adapter_id, "adapter_id")
+        config_bytes, weights_bytes = split_upload(files, self.limits)
+        adapter = parse_peft_adapter(config_bytes, weights_bytes, self.base, self.limits)
+        # Both blobs durable before the row that points at them is committed.
+        config_sha, weights_sha = self._blobs.write(config_bytes), self._blobs.write(weights_bytes)
+        with self._lock:
+            for sha, data in ((config_sha, config_bytes), (weights_sha, weights_bytes)):
+                if not self._blobs.exists(sha):  # a delete removed an identical blob since: write it again
+                    self._blobs.write(data)
+            record = self._registry.add(tenant, adapter_id, sha256=bundle_sha256(config_sha, weights_sha),
+                                        config_sha256=config_sha, weights_sha256=weights_sha, ranks=adapter.ranks,
+                                        num_bytes=len(config_bytes) + len(weights_bytes),
+                                        base_fingerprint=self.base_fingerprint)
+        logger.info("stored %s/%s version %d (%d bytes, ranks %s)", tenant, adapter_id, record.version,
+                    record.num_bytes, list(record.ranks))
+        return record
+
+    # ---- lookup ------------------------------------------------------------------------------------------------
+
+    def get(self, tenant: str, adapter_id: str, version: int | None = None) -> AdapterVersion:
+        """The latest version (its newest upload, even when that one is unusable), or the one given.
+        AdapterNotFound when there is none for this tenant and base; AdapterUnusable when it failed a checksum."""
+        if version is None:
+            record = self._registry.latest(tenant, adapter_id, self.base_fingerprint)
+        else:
+            assert isinstance(version, int) and not isinstance(version, bool), version
+            record = self._registry.find(tenant, adapter_id, version)
+            if record is not None and (record.state == DELETED or record.base_fingerprint != self.base_fingerprint):
+                record = None
+        if record is None:
+            at = "" if version is None else f" version {version}"
+            raise AdapterNotFound(f"tenant {tenant!r} has no adapter {adapter_id!r}{at}")
+        if record.state == UNUSABLE:
+            raise _unusable(record)
+        return record
+
+    def versions(self, tenant: str, adapter_id: str) -> list[AdapterVersion]:
+        """Every version not deleted (unusable ones included, with their state), oldest first."""
+        return self._registry.versions(tenant, adapter_id, self.base_fingerprint)
+
+    def list_adapters(self, tenant: str) -> list[AdapterVersion]:
+        """The latest version of each of the tenant's adapters, by adapter id."""
+        return self._registry.latest_per_adapter(tenant, self.base_fingerprint)
+
+    def rows(self) -> list[AdapterVersion]:
+        """Every row, deleted ones and all tenants' included: for operators and tests."""
+        return self._registry.rows()
+
+    def num_versions(self) -> int:
+        """Versions that can be served."""
+        return self._registry.num_versions(READY)
+
+    # ---- reading files -----------------------------------------------------------------------------------------
+
+    def read_files(self, record: AdapterVersion) -> dict[str, bytes]:
+        """The version's two files, checksum verified. A blob that fails is quarantined, and AdapterUnusable raised.
+        Hold the version while reading it, or a delete may remove its files first (AdapterNotFound then)."""
+        files = {}
+        for name, sha in ((CONFIG_FILE, record.config_sha256), (WEIGHTS_FILE, record.weights_sha256)):
+            data = self._blobs.read(sha)
+            if data is None or sha256_hex(data) != sha:
+                self._bad_blob(record, sha, missing=data is None)
+            files[name] = data
+        return files
+
+    def read(self, record: AdapterVersion) -> LoraAdapter:
+        """The version parsed, checksum verified, under this store's current base and limits."""
+        files = self.read_files(record)
+        return parse_peft_adapter(files[CONFIG_FILE], files[WEIGHTS_FILE], self.base, self.limits)
+
+    def _bad_blob(self, record: AdapterVersion, sha: str, missing: bool) -> None:
+        with self._lock:
+            current = self._registry.find(*record.key)
+            if current is None or (current.state == DELETED and record.key not in self._holds):
+                raise AdapterNotFound(f"tenant {record.tenant!r} has no adapter {record.adapter_id!r} version "
+                                      f"{record.version} (deleted)")
+            moved_to = None if missing else self._blobs.quarantine(sha)  # None: another reader moved it first
+            where = f"quarantined at {moved_to}" if moved_to else "missing"
+            for damaged in self._registry.mark_unusable(sha):
+                logger.warning("%s/%s version %d is unusable: blob %s failed its checksum (%s)", damaged.tenant,
+                               damaged.adapter_id, damaged.version, sha, where)
+        raise _unusable(record)
+
+    # ---- holds and deletion ------------------------------------------------------------------------------------
+
+    def hold(self, record: AdapterVersion) -> None:
+        """Keep this version's files while a request uses it, even if it is deleted meanwhile. Pair with release.
+        A version already deleted cannot be held (AdapterNotFound)."""
+        with self._lock:
+            current = self._registry.find(*record.key)
+            if current is None or current.state == DELETED:
+                raise AdapterNotFound(f"tenant {record.tenant!r} has no adapter {record.adapter_id!r} version "
+                                      f"{record.version}")
+            if current.state == UNUSABLE:
+                raise _unusable(current)
+            count, _ = self._holds.get(record.key, (0, current))
+            self._holds[record.key] = (count + 1, current)
+
+    def release(self, record: AdapterVersion) -> None:
+        with self._lock:
+            assert record.key in self._holds, f"release without hold: {record.key}"
+            count, held = self._holds.pop(record.key)
+            if count > 1:
+                self._holds[record.key] = (count - 1, held)
+            elif self._registry.find(*record.key).state == DELETED:
+                self._collect([held])  # the deferred half of a delete
+
+    @contextmanager
+    def held(self, record: AdapterVersion) -> Iterator[AdapterVersion]:
+        self.hold(record)
+        try:
+            yield record
+        finally:
+            self.release(record)
+
+    def num_holds(self, record: AdapterVersion) -> int:
+        with self._lock:
+            return self._holds.get(record.key, (0, None))[0]
+
+    def delete(self, tenant: str, adapter_id: str, version: int | None = None) -> list[AdapterVersion]:
+        """Delete every version of the adapter (or just `version`): gone from get and lists at once, files removed
+        once no request holds them. Returns the versions deleted; AdapterNotFound when there were none."""
+        with self._lock:
+            deleted = self._registry.mark_deleted(tenant, adapter_id, version)
+            if not deleted:
+                at = "" if version is None else f" version {version}"
+                raise AdapterNotFound(f"tenant {tenant!r} has no adapter {adapter_id!r}{at}")
+            self._collect([record for record in deleted if record.key not in self._holds])
+        logger.info("deleted %s/%s versions %s", tenant, adapter_id, [record.version for record in deleted])
+        return deleted
+
+    def _collect(self, records: Iterable[AdapterVersion]) -> None:
+        """Remove the blobs of these deleted versions that nothing else needs. Called with self._lock held."""
+        held = {sha for _, record in self._holds.values() for sha in record.blob_hashes}
+        for sha in {sha for record in records for sha in record.blob_hashes} - held:
+            if not self._registry.is_blob_live(sha):  # another READY version may share identical content
+                self._blobs.remove(sha)
+
+
+def _unusable(record: AdapterVersion) -> AdapterUnusable:
+    return AdapterUnusable(f"tenant {record.tenant!r} adapter {record.adapter_id!r} version {record.version} is "
+                           "unusable: its stored files failed their checksum; upload it again")
