@@ -1,0 +1,41 @@
+"""What residency is asked for (an adapter version), where it reads it from, and how a load fails. Plain Python, so
+the scheduler and the API can name adapters and errors without importing torch."""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # the adapter type only: importing adapters_store at run time would import torch
+    from adapters_store import LoraAdapter
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """One immutable version of a tenant's adapter: what residency loads, holds and evicts."""
+
+    tenant: str
+    adapter_id: str
+    version: int | str
+
+    @property
+    def lineage(self) -> tuple[str, str]:
+        """The adapter across its versions."""
+        return self.tenant, self.adapter_id
+
+    def __str__(self) -> str:
+        return f"{self.tenant}/{self.adapter_id}@{self.version}"
+
+
+class AdapterSource(Protocol):
+    """Where adapters come from (the durable store). May block on disk; may raise anything, which fails the load."""
+
+    def read(self, key: AdapterKey) -> "LoraAdapter": ...
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter could not be brought onto the device. `__cause__` holds the underlying error, if any (an
+    adapters_store.AdapterError means the adapter itself was refused)."""
+
+    def __init__(self, key: AdapterKey, reason: str) -> None:
+        super().__init__(f"adapter {key} could not be loaded: {reason}")
+        self.key = key
+        self.reason = reason
