@@ -1,0 +1,265 @@
+"""Iteration-level scheduling: each step is one batch of running decodes, prefill chunks and new admissions.
+
+The step loop (single-threaded):
+
+    batch = scheduler.schedule(now)                  # None when nothing can run (e.g. only adapter loads pending)
+    if batch is not None:
+        sampled = runner.run(batch)                  # {seq_id: token} for every chunk with is_sampled
+        scheduler.on_step_done(batch, sampled)
+    for seq in scheduler.pop_finished(): ...         # stop, length, timeout, abort, error
+
+`abort` and `finish` free blocks at once, so call them between steps, or mid-step only once the runner has read the
+batch's block tables; on_step_done skips what finished meanwhile.
+
+Policies:
+- Order within a step: running decodes (oldest first), then running prefill chunks (oldest first), then admissions
+  in queue order. Age is arrival order (`Scheduler.add`), kept across preemption.
+- Admission is first come, first served on step budget, sequence count and KV blocks: the first waiting request
+  that does not fit stops admission. A request whose adapter is neither resident nor placeable within the device
+  budget is skipped (its adapter is prefetched once) and those behind it may be admitted; each admission behind it
+  counts as one overtake, and once it has been overtaken `max_overtakes` times admission stops at it until it is
+  admitted. A request whose adapter can be made resident is admitted at once (its hold starts the load) and runs
+  when the load completes; a failed load finishes it alone with "error".
+- Hot-swap pinning: `add` pins the adapter's latest version unless the caller pinned one: a version stored before
+  the request was added serves it, whatever is stored while it waits or runs.
+- Holds: `acquire` at admission, `release` exactly once when the request finishes for any reason. The hold is kept
+  across preemption, so a preempted request resumes with the version it started on, without reloading it.
+- Preemption by recompute: a decode that finds no free block preempts the youngest running sequence that is not in
+  this step's batch (itself when it is the youngest); a prefill chunk preempts younger ones only, else shrinks. The
+  victim's blocks are freed and it rejoins the front of the queue to recompute its prompt and generated tokens. No
+  admissions happen in a step that preempted. The oldest running sequence can always progress.
+"""
+
+import bisect
+from collections.abc import Mapping
+from concurrent.futures import Future
+
+from server.engine.block_manager import BlockManager
+from server.engine.scheduled_batch import AdapterResidency, ScheduledBatch, ScheduledChunk
+from server.engine.scheduler_config import SchedulerConfig
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, residency: AdapterResidency | None = None) -> None:
+        self.config = config
+        self.residency = residency  # None: the base model only
+        self.block_manager = BlockManager(config.num_blocks, config.block_size)
+        self.waiting: list[Sequence] = []  # queue order: preempted ones first, then by arrival
+        self.running: list[Sequence] = []  # admitted, by arrival
+        self._seqs: dict[int, Sequence] = {}  # every unfinished sequence
+        self._holds: dict[int, Future[int]] = {}  # seq_id -> its adapter acquire, from admission to finish
+        self._prefetched: set[int] = set()
+        self._finished: list[Sequence] = []
+        self._num_added = 0
+        self.num_preemptions = self.num_timeouts = self.num_aborted = self.num_errors = 0
+
+    # ---------------------------------------------------------------- requests in and out
+
+    def add(self, seq: Sequence) -> None:
+        if seq.seq_id in self._seqs:
+            raise ValueError(f"sequence {seq.seq_id} is already scheduled")
+        if seq.is_finished or seq.output_token_ids or seq.block_table:
+            raise ValueError(f"sequence {seq.seq_id} has already run")
+        if seq.num_prompt_tokens >= self.config.max_model_len:
+            raise ValueError(f"sequence {seq.seq_id}: prompt of {seq.num_prompt_tokens} tokens leaves no room in the "
+                             f"maximum length of {self.config.max_model_len}")
+        if seq.adapter_id is not None:
+            if self.residency is None:
+                raise ValueError(f"sequence {seq.seq_id}: this scheduler serves no adapters")
+            if seq.adapter_version is None:
+                seq.adapter_version = self.residency.latest_version(seq.tenant, seq.adapter_id)
+        seq.arrival, self._num_added = self._num_added, self._num_added + 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self._seqs[seq.seq_id] = seq
+
+    def abort(self, seq_id: int) -> bool:
+        """Cancel: blocks and adapter hold go at once. False if the sequence is unknown or already finished."""
+        return self.finish(seq_id, "abort")
+
+    def finish(self, seq_id: int, reason: FinishReason, error: str | None = None) -> bool:
+        """End a sequence from outside (a stop string, a cancel); False if it is unknown or already finished."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return False
+        self._finish(seq, reason, error)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def pop_finished(self) -> list[Sequence]:
+        """Sequences finished since the last call, for any reason."""
+        finished, self._finished = self._finished, []
+        return finished
+
+    # ---------------------------------------------------------------- one step
+
+    def schedule(self, now: float) -> ScheduledBatch | None:
+        self._reap(now)
+        config, blocks = self.config, self.block_manager
+        budget = config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        scheduled: set[Sequence] = set()
+        num_preempted = self.num_preemptions
+
+        for seq in list(self.running):  # decodes, oldest first
+            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens == 0 or \
+                    seq.num_uncomputed_tokens != 1:
+                continue
+            while not blocks.can_allocate(seq, 1):
+                victim = self._youngest_preemptable(seq, scheduled) or seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                budget -= self._schedule_chunk(seq, 1, chunks, scheduled)
+
+        for seq in list(self.running):  # prefill chunks (new prompts, the rest of long ones, recomputes)
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq in scheduled or not self._is_adapter_ready(seq):
+                continue
+            num_tokens = min(seq.num_uncomputed_tokens, config.chunk_limit, budget)
+            while not blocks.can_allocate(seq, num_tokens) and (victim := self._youngest_preemptable(seq, scheduled)):
+                self._preempt(victim)
+            num_tokens = min(num_tokens, blocks.num_allocatable_tokens(seq))
+            if num_tokens > 0:
+                budget -= self._schedule_chunk(seq, num_tokens, chunks, scheduled)
+
+        if self.num_preemptions == num_preempted:  # why: memory is short; what was preempted must not churn back
+            self._admit(budget, chunks, scheduled)
+        return ScheduledBatch(tuple(chunks)) if chunks else None
+
+    def on_step_done(self, batch: ScheduledBatch, sampled_token_ids: Mapping[int, int]) -> None:
+        """Advance every chunk of `batch`, append the sampled tokens, finish on EOS or length."""
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            assert seq.num_computed_tokens == chunk.start_position, f"sequence {seq.seq_id} moved during the step"
+            seq.num_computed_tokens += chunk.num_tokens
+            if not chunk.is_sampled:
+                continue
+            token = sampled_token_ids[seq.seq_id]
+            seq.output_token_ids.append(token)
+            if token in seq.eos_token_ids:
+                self._finish(seq, "stop")
+            elif len(seq.output_token_ids) >= seq.max_new_tokens or seq.num_tokens >= self.config.max_model_len:
+                self._finish(seq, "length")
+
+    # ---------------------------------------------------------------- admission
+
+    def _admit(self, budget: int, chunks: list[ScheduledChunk], scheduled: set[Sequence]) -> None:
+        """Admit waiting requests in queue order, scheduling the first chunk of those whose adapter is ready."""
+        config, used, skipped = self.config, 0, []
+        for seq in list(self.waiting):
+            if len(self.running) >= config.max_num_seqs:
+                break
+            num_tokens = min(seq.num_uncomputed_tokens, config.chunk_limit, budget - used)
+            if num_tokens == 0 or not self.block_manager.can_allocate(seq, num_tokens):
+                break  # first come, first served on memory and budget
+            state = self._claim_adapter(seq)
+            if state == "cold":
+                skipped.append(seq)
+                if seq.num_times_overtaken >= config.max_overtakes:
+                    break  # why: it has waited long enough; nobody else goes first
+                continue
+            if state == "failed":
+                continue  # _claim_adapter finished it
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            if state == "ready":
+                used += self._schedule_chunk(seq, num_tokens, chunks, scheduled)
+            for overtaken in skipped:
+                overtaken.num_times_overtaken += 1
+            if any(s.num_times_overtaken >= config.max_overtakes for s in skipped):
+                break
+
+    def _claim_adapter(self, seq: Sequence) -> str:
+        """'ready', 'loading' (held, load under way), 'cold' (no hold: not placeable now) or 'failed' (finished)."""
+        key = seq.adapter_key
+        if key is None:
+            return "ready"
+        assert self.residency is not None
+        if seq.seq_id not in self._holds:
+            if not self.residency.can_make_resident(key):
+                if seq.seq_id not in self._prefetched:
+                    self._prefetched.add(seq.seq_id)
+                    self.residency.prefetch(key)
+                return "cold"
+            self._holds[seq.seq_id] = self.residency.acquire(key)
+        hold = self._holds[seq.seq_id]
+        if not hold.done():
+            return "loading"
+        if hold.exception() is not None:
+            self._finish(seq, "error", str(hold.exception()))
+            return "failed"
+        return "ready"
+
+    def _is_adapter_ready(self, seq: Sequence) -> bool:
+        hold = self._holds.get(seq.seq_id)
+        return hold is None or (hold.done() and hold.exception() is None)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _schedule_chunk(self, seq: Sequence, num_tokens: int, chunks: list[ScheduledChunk],
+                        scheduled: set[Sequence]) -> int:
+        self.block_manager.allocate(seq, num_tokens)
+        start = seq.num_computed_tokens
+        chunks.append(ScheduledChunk(seq, start, seq.token_ids(start, start + num_tokens),
+                                     is_sampled=start + num_tokens == seq.num_tokens))
+        scheduled.add(seq)
+        return num_tokens
+
+    def _youngest_preemptable(self, seq: Sequence, scheduled: set[Sequence]) -> Sequence | None:
+        """The youngest running sequence younger than `seq`, holding blocks, not in this step's batch."""
+        for other in reversed(self.running):
+            if other.arrival <= seq.arrival:
+                return None
+            if other.block_table and other not in scheduled:
+                return other
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        # Preempted sequences queue first, among themselves by arrival: they were admitted before anything behind.
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].num_preemptions > 0 and self.waiting[i].arrival < seq.arrival:
+            i += 1
+        self.waiting.insert(i, seq)
+
+    def _reap(self, now: float) -> None:
+        """Finish what timed out, and running requests whose adapter failed to load."""
+        for seq in list(self._seqs.values()):
+            if seq.deadline is not None and seq.deadline < now:
+                self._finish(seq, "timeout")
+            elif seq.status is SequenceStatus.RUNNING and not self._is_adapter_ready(seq):
+                hold = self._holds[seq.seq_id]
+                if hold.done():
+                    self._finish(seq, "error", str(hold.exception()))
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        hold = self._holds.pop(seq.seq_id, None)
+        if hold is not None:
+            assert self.residency is not None and seq.adapter_key is not None
+            self.residency.release(seq.adapter_key)
+        self._prefetched.discard(seq.seq_id)
+        del self._seqs[seq.seq_id]
+        seq.status, seq.finish_reason, seq.error = SequenceStatus.FINISHED, reason, error
+        self.num_timeouts += reason == "timeout"
+        self.num_aborted += reason == "abort"
+        self.num_errors += reason == "error"
+        self._finished.append(seq)
