@@ -1,22 +1,26 @@
-"""`lora-server` command line: `generate` runs a file of requests offline, in one batch, with mixed adapters."""
+"""`lora-server` command line: `generate` runs a file of requests offline on the engine, with mixed adapters."""
 
 import argparse
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
-from adapters_store import AdapterError, load_peft_adapter
+from adapters_store import AdapterError, AdapterNotFound, AdapterStore
 from kernels.lora_ops import LORA_BACKENDS, resolve_lora_backend
 from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
-from server.engine.base_description import describe_base_model
-from server.engine.offline import GenerationError, GenerationRequest, generate
+from server.engine.generate_all import generate_all
+from server.engine.request import EngineRequest, RequestError
 from server.engine.sampler import SamplingError, SamplingParams
+from server.engine.setup import EngineOptions, base_description, open_engine
 from server.model.config import ModelConfigError
-from server.model.loader import load_model, read_config, resolve_device, resolve_dtype
-from server.model.tokenizer import load_tokenizer
+from server.model.loader import resolve_device
 
 logger = logging.getLogger("lora_server")
+
+DEFAULT_TENANT = "default"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class CliError(Exception):
@@ -26,7 +30,7 @@ class CliError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-server", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="run a JSONL file of requests in one mixed-adapter batch")
+    gen = commands.add_parser("generate", help="run a JSONL file of requests on the engine (mixed adapters)")
     gen.add_argument("--model", type=Path, default=None,
                      help="Hugging Face checkpoint directory (default: the embedded demo model and its adapters)")
     gen.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
@@ -36,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     gen.add_argument("--lora-backend", choices=list(LORA_BACKENDS), default="auto",
                      help="per-token LoRA math: Triton kernels (auto on CUDA) or plain torch (auto on CPU)")
+    gen.add_argument("--max-num-seqs", type=int, default=64, help="sequences admitted at once")
+    gen.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one forward pass")
     gen.add_argument("--requests", type=Path, required=True,
                      help='JSONL: {"prompt": str} or {"prompt_token_ids": [int]}, plus "adapter", "max_new_tokens", '
-                          '"temperature", "top_p", "top_k", "seed"')
+                          '"temperature", "top_p", "top_k", "seed", "stop"')
     return parser
 
 
@@ -48,55 +54,64 @@ def main(argv: list[str] | None = None) -> None:
                         stream=sys.stderr)
     try:
         run_generate(args)
-    except (CliError, AdapterError, ModelConfigError, GenerationError, SamplingError) as error:
+    except (CliError, AdapterError, AdapterNotFound, ModelConfigError, RequestError, SamplingError) as error:
         sys.exit(f"lora-server: error: {error}")
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    model_dir = args.model or DEMO_MODEL_DIR
+    model_dir = Path(args.model or DEMO_MODEL_DIR)
     adapter_dirs = {} if args.model else dict(demo_adapter_dirs())
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise CliError(f"--adapter takes NAME=PATH, got {spec!r}")
         adapter_dirs[name] = Path(path)
-
-    device = resolve_device(args.device)
+    options = EngineOptions(device=args.device, dtype=args.dtype, quantize=args.quantize,
+                            lora_backend=args.lora_backend, max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.max_num_batched_tokens)
     try:
-        lora_backend = resolve_lora_backend(args.lora_backend, device)
+        resolve_lora_backend(args.lora_backend, resolve_device(args.device))
     except ValueError as error:
         raise CliError(str(error)) from None
-    checkpoint_dtype = read_config(Path(model_dir)).checkpoint_dtype
-    model = load_model(model_dir, device, resolve_dtype(args.dtype, device, checkpoint_dtype))
-    model.set_lora_backend(lora_backend)
-    report_weight_bytes(model, quantize=args.quantize == "nf4")
-    tokenizer = load_tokenizer(model_dir, model.config.eos_token_ids)
-    base = describe_base_model(model.config, name=str(model_dir))
-    adapters = {name: load_peft_adapter(path, base) for name, path in adapter_dirs.items()}
 
-    requests = read_requests(args.requests, tokenizer)
-    results = generate(model, requests, adapters, tokenizer.eos_token_ids)
-    for result in results:
-        line = {"token_ids": result.token_ids, "text": tokenizer.decode(result.token_ids),
-                "finish_reason": result.finish_reason}
+    # The adapters go through a throwaway store, so they are validated exactly as uploads to the server are.
+    with tempfile.TemporaryDirectory(prefix="lora-server-generate-") as store_dir, \
+            AdapterStore.open(store_dir, base_description(model_dir)) as store:
+        for name, path in adapter_dirs.items():
+            store.put(DEFAULT_TENANT, name, read_adapter_dir(path))
+        engine = open_engine(model_dir, store, options, model_name=str(model_dir))
+        try:
+            report_weight_bytes(engine.model)
+            requests = read_requests(args.requests, engine.tokenizer, set(adapter_dirs))
+            for request in requests:
+                try:
+                    engine.check_request(request)
+                except RequestError as error:
+                    raise CliError(f"{args.requests}, {request.request_id}: {error}") from None
+            completions = generate_all(engine, requests)
+        finally:
+            engine.close()
+    for completion in completions:
+        if completion.finish_reason == "error":
+            raise CliError(f"request {completion.request_id}: {completion.error}")
+        line = {"token_ids": completion.token_ids, "text": completion.text, "finish_reason": completion.finish_reason}
         print(json.dumps(line), flush=True)
 
 
-def report_weight_bytes(model, quantize: bool) -> None:
-    """Quantize if asked, and say how many bytes the decoder's linear weights take."""
-    linear_bytes = sum(linear.base.weight_bytes for linear in model.lora_linears())
-    if quantize:
-        from server.model.nf4 import quantize_nf4_  # bitsandbytes is imported only when asked for
+def read_adapter_dir(path: Path) -> dict[str, bytes]:
+    if not path.is_dir():
+        raise CliError(f"adapter directory {path} does not exist")
+    return {name: (path / name).read_bytes() for name in ADAPTER_FILES if (path / name).is_file()}
 
-        dense, nf4 = quantize_nf4_(model)
-        logger.info("NF4: decoder linear weights %.2f MB -> %.2f MB (%.3fx)", dense / 1e6, nf4 / 1e6, nf4 / dense)
-        linear_bytes = nf4
+
+def report_weight_bytes(model) -> None:
+    linear_bytes = sum(linear.base.weight_bytes for linear in model.lora_linears())
     other = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".base." not in name)
     logger.info("weight bytes: %.2f MB in decoder linears, %.2f MB in embeddings, norms and LM head",
                 linear_bytes / 1e6, other / 1e6)
 
 
-def read_requests(path: Path, tokenizer) -> list[GenerationRequest]:
+def read_requests(path: Path, tokenizer, adapter_names: set[str]) -> list[EngineRequest]:
     if not path.is_file():
         raise CliError(f"requests file {path} does not exist")
     requests = []
@@ -110,7 +125,7 @@ def read_requests(path: Path, tokenizer) -> list[GenerationRequest]:
         if not isinstance(row, dict) or ("prompt" in row) == ("prompt_token_ids" in row):
             raise CliError(f"{path}:{number}: give exactly one of \"prompt\" or \"prompt_token_ids\"")
         unknown = set(row) - {"prompt", "prompt_token_ids", "adapter", "max_new_tokens", "temperature", "top_p",
-                              "top_k", "seed"}
+                              "top_k", "seed", "stop"}
         if unknown:
             raise CliError(f"{path}:{number}: unknown fields {sorted(unknown)}")
         if "prompt" in row and not isinstance(row["prompt"], str):
@@ -124,6 +139,19 @@ def read_requests(path: Path, tokenizer) -> list[GenerationRequest]:
             integral = key in ("max_new_tokens", "top_k", "seed")
             if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
                 raise CliError(f"{path}:{number}: {key} must be {'an integer' if integral else 'a number'}")
-        sampling = SamplingParams(**numbers)
-        requests.append(GenerationRequest(prompt_token_ids=token_ids, adapter=row.get("adapter"), sampling=sampling))
+        stop = row.get("stop") or []
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise CliError(f"{path}:{number}: stop must be a list of strings")
+        adapter = row.get("adapter")
+        if adapter is not None and not isinstance(adapter, str):
+            raise CliError(f"{path}:{number}: adapter must be a string or null")
+        if adapter is not None and adapter not in adapter_names:
+            raise CliError(f"{path}:{number}: unknown adapter {adapter!r} "
+                           f"(available: {', '.join(sorted(adapter_names)) or 'none'})")
+        try:
+            sampling = SamplingParams(**numbers)
+        except SamplingError as error:
+            raise CliError(f"{path}:{number}: {error}") from None
+        requests.append(EngineRequest(prompt_token_ids=token_ids, sampling=sampling, adapter_id=adapter,
+                                      tenant=DEFAULT_TENANT, stop=tuple(stop), request_id=f"line {number}"))
     return requests

@@ -147,6 +147,24 @@ class Residency:
             self._retire(key)
             self._lock.notify_all()
 
+    def retire_lineage(self, tenant: str, adapter_id: str) -> None:
+        """Retire every version of an adapter (it was deleted): each leaves as soon as nothing holds it."""
+        with self._lock:
+            lineage = (tenant, adapter_id)
+            for key in self._pool.placed_keys() + self._host.keys():
+                if key.lineage == lineage:
+                    self._retire(key)
+            self._newest.pop(lineage, None)
+            self._lock.notify_all()
+
+    def tier_of(self, tenant: str, adapter_id: str) -> str:
+        """Where the adapter's newest version seen here sits: "device", "host", or "disk" (only in the store)."""
+        with self._lock:
+            keys = [k for k in self._pool.placed_keys() + self._host.keys() if k.lineage == (tenant, adapter_id)]
+            if any(self._pool.is_placed(k) and k not in self._loading for k in keys):
+                return "device"
+            return "host" if keys else "disk"
+
     def is_ready(self, key: AdapterKey) -> bool:
         with self._lock:
             return self._pool.is_placed(key) and key not in self._loading

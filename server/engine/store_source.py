@@ -12,6 +12,10 @@ class StoreAdapterSource:
         """The version a request admitted now is pinned to (hot-swap: the newest stored one)."""
         return AdapterKey(tenant, adapter_id, self.store.get(tenant, adapter_id).version)
 
+    def max_rank(self, key: AdapterKey) -> int:
+        """The largest LoRA rank of a stored version, from the registry (no file read)."""
+        return self.store.get(key.tenant, key.adapter_id, int(key.version)).max_rank
+
     def read(self, key: AdapterKey) -> LoraAdapter:
         record = self.store.get(key.tenant, key.adapter_id, int(key.version))
         with self.store.held(record):  # a concurrent delete waits until the read is done

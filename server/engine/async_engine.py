@@ -1,0 +1,203 @@
+"""The engine's async interface for the API: submit a request, iterate its deltas, abort by id.
+
+The step loop runs on its own thread so the event loop never waits on the model. The two sides meet in an inbox
+(requests to add, ids to abort) guarded by one Condition; deltas go back to each request's asyncio queue through
+`call_soon_threadsafe`. Only the loop thread touches the Engine (the scheduler is single-threaded by design).
+
+    stream = engine.submit(request)   # raises RequestError, QueueFullError, EngineStoppedError, AdapterNotFound now
+    async for delta in stream: ...    # the last delta has finish_reason; `await stream.aclose()` aborts early
+"""
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+
+from adapters_store import AdapterNotFound
+from server.engine.engine import Engine
+from server.engine.request import EngineRequest, EngineStoppedError, QueueFullError, RequestDelta
+from server.engine.stats import EngineStats
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.25  # the idle loop wakes this often, so /health can tell an idle engine from a hung one
+ADAPTER_WAIT_S = 0.002  # nothing could run (adapter loads in flight): look again this soon
+
+
+class RequestStream:
+    """Async iterator of one request's deltas; ends after the delta with a finish_reason."""
+
+    def __init__(self, request_id: str, engine: "AsyncEngine") -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestDelta] = asyncio.Queue()
+        self._finished = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestDelta:
+        if self._finished:
+            raise StopAsyncIteration
+        delta = await self._queue.get()
+        self._finished = delta.is_finished
+        return delta
+
+    async def aclose(self) -> None:
+        """Abort the request if it has not finished (a client went away)."""
+        if not self._finished:
+            self._finished = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_pending: int = 1024) -> None:
+        self.engine = engine
+        self.max_pending = max_pending  # unfinished requests, queued and running; more is a QueueFullError
+        self._lock = threading.Condition()
+        self._inbox: list[tuple[str, object]] = []  # ("add", EngineRequest) | ("abort", request_id), in order
+        self._streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
+        self._accepting = True
+        self._stopping = False
+        self._heartbeat = time.monotonic()
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+
+    # ---------------------------------------------------------------- the API's side (event loop thread)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: EngineRequest) -> RequestStream:
+        if not self._accepting:
+            raise EngineStoppedError("the server is shutting down and takes no new requests")
+        self.engine.check_request(request)
+        if request.adapter_id is not None and request.adapter_version is None and self.engine.adapters is not None:
+            # Pin now, so an unknown adapter fails here (a 404), and the version is the newest at submission.
+            version = self.engine.adapters.latest_version(request.tenant, request.adapter_id)
+            request = dataclasses.replace(request, adapter_version=version)
+        elif request.adapter_id is not None and self.engine.adapters is None:
+            raise AdapterNotFound(f"adapter {request.adapter_id!r}: this server serves the base model only")
+        with self._lock:
+            if len(self._streams) >= self.max_pending:
+                raise QueueFullError(f"{len(self._streams)} requests are already waiting or running "
+                                     f"(the limit is {self.max_pending}); retry shortly")
+            if request.request_id in self._streams:
+                raise ValueError(f"request id {request.request_id!r} is already in use")
+            stream = RequestStream(request.request_id, self)
+            self._streams[request.request_id] = (stream, asyncio.get_running_loop())
+            self._inbox.append(("add", request))
+            self._lock.notify()
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            if request_id not in self._streams:
+                return False
+            self._inbox.append(("abort", request_id))
+            self._lock.notify()
+        return True
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    @property
+    def is_accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def num_pending(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting; wait until every submitted request has finished. False if time ran out first."""
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout_s
+        while self.num_pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.num_pending == 0
+
+    def shutdown(self) -> None:
+        """Stop the step loop; requests still running end with "abort"."""
+        self._accepting = False
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        for request_id, (stream, loop) in streams.items():
+            self._deliver(stream, loop, RequestDelta(request_id, [], "", None, finish_reason="abort",
+                                                     error="the server shut down"))
+
+    def stats(self) -> EngineStats:
+        """As of the last step (the loop thread takes the snapshot, so it is never torn)."""
+        return self._stats
+
+    def seconds_since_progress(self) -> float:
+        """Since the step loop last finished a step or an idle wait; grows without bound if a step hangs."""
+        return time.monotonic() - self._heartbeat
+
+    def retire_adapter(self, tenant: str, adapter_id: str) -> None:
+        if self.engine.adapters is not None:
+            self.engine.adapters.residency.retire_lineage(tenant, adapter_id)
+
+    def adapter_tier(self, tenant: str, adapter_id: str) -> str:
+        if self.engine.adapters is None:
+            return "disk"
+        return self.engine.adapters.residency.tier_of(tenant, adapter_id)
+
+    # ---------------------------------------------------------------- the step loop (its own thread)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._lock:
+                while not self._inbox and not engine.has_unfinished() and not self._stopping:
+                    self._lock.wait(HEARTBEAT_S)
+                    self._heartbeat = time.monotonic()
+                if self._stopping:
+                    return
+                inbox, self._inbox = self._inbox, []
+            deltas = [delta for op, arg in inbox if (delta := self._apply(op, arg)) is not None]
+            if engine.has_unfinished():
+                steps_before = engine.num_steps
+                try:
+                    deltas += engine.step()
+                except Exception:  # a bug, not a bad request: keep serving, but say so loudly
+                    logger.exception("the engine step raised; the loop carries on")
+                if engine.num_steps == steps_before and not deltas:
+                    with self._lock:
+                        self._lock.wait(ADAPTER_WAIT_S)
+            self._stats = engine.stats()
+            self._heartbeat = time.monotonic()
+            self._dispatch(deltas)
+
+    def _apply(self, op: str, arg: object) -> RequestDelta | None:
+        if op == "abort":
+            self.engine.abort(arg)  # its last delta comes from the next step
+            return None
+        request = arg
+        try:
+            self.engine.add_request(request)
+        except Exception as error:  # e.g. the adapter was deleted since submit pinned it
+            return RequestDelta(request.request_id, [], "", None, finish_reason="error", error=str(error))
+        return None
+
+    def _dispatch(self, deltas: list[RequestDelta]) -> None:
+        for delta in deltas:
+            with self._lock:
+                entry = self._streams.pop(delta.request_id) if delta.is_finished else \
+                    self._streams.get(delta.request_id)
+            if entry is not None:
+                self._deliver(*entry, delta)
+
+    @staticmethod
+    def _deliver(stream: RequestStream, loop: asyncio.AbstractEventLoop, delta: RequestDelta) -> None:
+        try:
+            loop.call_soon_threadsafe(stream._queue.put_nowait, delta)
+        except RuntimeError:  # its event loop is closed: nobody is listening any more
+            pass

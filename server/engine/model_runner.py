@@ -1,0 +1,100 @@
+"""The one module that turns a scheduled batch into tensors, runs the model, and samples.
+
+Per step: flat token ids and positions for every chunk (prefill chunks and decodes together), each chunk's key slots
+in the paged cache (from its block table), each token's LoRA slot (from residency), one forward pass, logits only at
+the last position of chunks that end at their sequence's last token, and one sample for each of those.
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from kernels.lora_batch import NO_SLOT, LoraBatch
+from server.engine.adapter_key import AdapterKey
+from server.engine.request import TokenLogprob
+from server.engine.sampler import SamplingParams, make_generator, sample
+from server.engine.scheduled_batch import ScheduledBatch
+from server.model.attention import PagedKVCache, PagedSequenceChunk
+from server.model.llama import LlamaModel
+
+MAX_LOGPROBS = 20  # alternatives reported per token; OpenAI's own cap
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: TokenLogprob | None  # when the request asked for logprobs
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, slot_of: Callable[[AdapterKey], int]) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.slot_of = slot_of  # the device slot of a held, ready adapter version
+        self.device = model.embed_tokens.weight.device
+        self._generators: dict[int, torch.Generator | None] = {}  # seq_id -> its own random stream, kept to the end
+        self._block_offsets = torch.arange(self.block_size, device=self.device)
+
+    def forget(self, seq_id: int) -> None:
+        """The sequence finished: drop its random stream."""
+        self._generators.pop(seq_id, None)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, num_logprobs: Mapping[int, int] | None = None) -> dict[int, SampledToken]:
+        """One forward pass over `batch`; a token for every chunk with is_sampled, by seq_id."""
+        ids, positions, token_slots, chunks = [], [], [], []
+        for chunk in batch.chunks:
+            seq, start, n = chunk.seq, chunk.start_position, chunk.num_tokens
+            chunks.append(PagedSequenceChunk(token_start=len(ids), num_tokens=n, start_position=start,
+                                             key_slots=self._key_slots(seq.block_table, start + n)))
+            ids += chunk.token_ids
+            positions += range(start, start + n)
+            key = seq.adapter_key
+            token_slots += [NO_SLOT if key is None else self.slot_of(key)] * n
+        self.kv_cache.set_batch(tuple(chunks))
+        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                            self.kv_cache, LoraBatch.build(token_slots, self.device))  # [num_tokens, hidden]
+
+        sampled = [(c, pc) for c, pc in zip(batch.chunks, chunks, strict=True) if c.is_sampled]
+        if not sampled:
+            return {}
+        last_rows = torch.tensor([pc.token_start + pc.num_tokens - 1 for _, pc in sampled], device=self.device)
+        logits = self.model.compute_logits(hidden[last_rows]).float()  # [num_sampled, vocab]
+        seqs = [c.seq for c, _ in sampled]
+        params: list[SamplingParams] = [seq.sampling or SamplingParams() for seq in seqs]
+        generators = [self._generator(seq.seq_id, p) for seq, p in zip(seqs, params, strict=True)]
+        tokens = sample(logits, params, generators)
+        logprobs = self._logprobs(logits, tokens, [(num_logprobs or {}).get(seq.seq_id) for seq in seqs])
+        return {seq.seq_id: SampledToken(token, lp) for seq, token, lp in zip(seqs, tokens, logprobs, strict=True)}
+
+    def _key_slots(self, block_table: list[int], num_positions: int) -> torch.Tensor:
+        """Cache slots of positions [0, num_positions): block b holds positions b*size .. b*size + size - 1."""
+        blocks = torch.tensor(block_table, device=self.device)
+        return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:num_positions]
+
+    def _generator(self, seq_id: int, params: SamplingParams) -> torch.Generator | None:
+        # Why per sequence and kept across preemption: a seeded request draws the same stream whatever shares its
+        # batch, and a recompute after preemption continues it rather than restarting it.
+        if seq_id not in self._generators:
+            self._generators[seq_id] = make_generator(params)
+        return self._generators[seq_id]
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[TokenLogprob | None]:
+        """The model's own distribution (before temperature and cuts), as OpenAI and vLLM report it."""
+        if all(n is None for n in wanted):
+            return [None] * len(tokens)
+        log_probs = torch.log_softmax(logits, dim=-1)  # [num_sampled, vocab] fp32
+        most = min(max(n or 0 for n in wanted), MAX_LOGPROBS)
+        top_values, top_ids = log_probs.topk(most, dim=-1) if most else (None, None)
+        chosen = log_probs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+        result: list[TokenLogprob | None] = []
+        for row, (token, n) in enumerate(zip(tokens, wanted, strict=True)):
+            if n is None:
+                result.append(None)
+                continue
+            top = tuple(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(), strict=True)) if n else ()
+            result.append(TokenLogprob(token, chosen[row], top))
+        return result

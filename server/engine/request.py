@@ -1,0 +1,69 @@
+"""What callers hand the engine (`EngineRequest`) and what they get back as it runs (`RequestDelta`).
+
+The engine's narrow interface: the API and the CLI speak only these types (plus the errors below), never Sequence
+or the scheduler.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+
+from server.engine.sampler import SamplingParams
+from server.engine.sequence import FinishReason
+
+_request_numbers = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"req-{next(_request_numbers)}"
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take as asked (empty or over-long prompt, bad token ids, a bad stop list)."""
+
+
+class QueueFullError(RuntimeError):
+    """The engine already holds its maximum of unfinished requests; retry later."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is draining or stopped and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter_id: str | None = None  # None: the base model
+    tenant: str = "default"
+    adapter_version: int | str | None = None  # None: pinned to the newest stored version when submitted
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings; it is not part of the text
+    logprobs: int | None = None  # None: none; n >= 0: the chosen token's logprob and the n most likely alternatives
+    deadline: float | None = None  # time.monotonic() seconds; past it the request ends with "timeout"
+    request_id: str = field(default_factory=new_request_id)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely tokens, best first
+
+
+@dataclass(frozen=True)
+class RequestDelta:
+    """What one request produced since its previous delta. The last delta has `finish_reason` set."""
+
+    request_id: str
+    token_ids: list[int]  # new tokens (a stop string's tokens included; the EOS that ended it included)
+    text: str  # new text, up to (not including) a stop string; held back while it could be the start of one
+    logprobs: list[TokenLogprob] | None  # one per new token when asked for
+    finish_reason: FinishReason | None = None
+    error: str | None = None  # why, when finish_reason is "error"
+    adapter_version: int | str | None = None  # the adapter version serving the request
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0  # so far, this delta included
+    queue_time_s: float | None = None  # arrival -> first scheduled step; set on the first delta that has tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,146 @@
+"""Build a ready Engine from a checkpoint directory, an adapter store directory and a handful of options.
+
+Sizing, in order: the model loads (and is quantized if asked); the LoRA pool takes its device budget; the KV cache
+takes `kv_cache_bytes` (default: enough for every admitted sequence at the model's full length, capped at a quarter
+of free device memory on CUDA and at 1 GiB on CPU), and the maximum sequence length shrinks to what that cache holds.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters_store import AdapterStore, BaseModelDescription
+from kernels.lora_ops import resolve_lora_backend
+from server.engine.adapter_gate import AdapterGate
+from server.engine.base_description import describe_base_model
+from server.engine.engine import Engine
+from server.engine.model_runner import ModelRunner
+from server.engine.residency import Residency, ResidencyConfig
+from server.engine.scheduler_config import SchedulerConfig
+from server.engine.store_source import StoreAdapterSource
+from server.model.attention import PagedKVCache
+from server.model.llama import LlamaModel
+from server.model.loader import load_model, read_config, resolve_device, resolve_dtype
+from server.model.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_CAP_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"
+    quantize: str = "none"  # none | nf4
+    lora_backend: str = "auto"  # auto | triton | torch
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    prefill_chunk_size: int | None = None
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # None: see the module docstring
+    max_model_len: int | None = None  # None: the model's own maximum (or what the KV cache holds, if less)
+    max_overtakes: int = 8
+    max_adapters_on_device: int = 32  # LoRA slots: distinct adapters one batch can mix
+    adapter_device_bytes: int | None = None  # None: room for every slot at rank max_lora_rank
+    max_lora_rank: int = 64
+    adapter_host_bytes: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        if self.quantize not in ("none", "nf4"):
+            raise ValueError(f"quantize must be none or nf4, got {self.quantize!r}")
+
+
+class LoadedEngine(Engine):
+    """An Engine with what its callers need to know about the model it serves."""
+
+    def __init__(self, runner: ModelRunner, config: SchedulerConfig, tokenizer: Tokenizer, model: LlamaModel,
+                 gate: AdapterGate | None, store: AdapterStore | None, model_name: str) -> None:
+        super().__init__(runner, config, tokenizer, model.config.vocab_size, gate)
+        self.model = model
+        self.store = store  # owned by the caller, who opened it
+        self.model_name = model_name
+        self.max_model_len = config.max_model_len
+        self.base = describe_base_model(model.config, name=model_name)
+
+    def close(self) -> None:
+        """Stop the adapter loader thread (the store stays open)."""
+        if self.adapters is not None:
+            self.adapters.residency.close()
+
+
+def open_engine(model_dir: Path, store: AdapterStore | None, options: EngineOptions,
+                model_name: str | None = None) -> LoadedEngine:
+    """`store`, when given, must have been opened with `base_description(model_dir)`; None serves the base only."""
+    device = resolve_device(options.device)
+    config = read_config(model_dir)
+    model = load_model(model_dir, device, resolve_dtype(options.dtype, device, config.checkpoint_dtype))
+    model.set_lora_backend(resolve_lora_backend(options.lora_backend, device))
+    if options.quantize == "nf4":
+        from server.model.nf4 import quantize_nf4_  # bitsandbytes is imported only when asked for
+
+        dense, nf4 = quantize_nf4_(model)
+        logger.info("NF4: decoder linear weights %.2f MB -> %.2f MB", dense / 1e6, nf4 / 1e6)
+    tokenizer = load_tokenizer(model_dir, model.config.eos_token_ids)
+
+    gate = None
+    if store is not None:
+        residency = Residency(model, StoreAdapterSource(store), _residency_config(model, options))
+        gate = AdapterGate(residency, StoreAdapterSource(store))
+    kv_cache, scheduler_config = _kv_cache_and_limits(model, device, options)
+    runner = ModelRunner(model, kv_cache, slot_of=gate.residency.slot_of if gate else _no_adapters)
+
+    engine = LoadedEngine(runner, scheduler_config, tokenizer, model, gate, store, model_name or Path(model_dir).name)
+    logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max length %d, %d sequences at once",
+                engine.model_name, device, scheduler_config.num_blocks, scheduler_config.block_size,
+                scheduler_config.max_model_len, scheduler_config.max_num_seqs)
+    return engine
+
+
+def base_description(model_dir: Path, model_name: str | None = None) -> BaseModelDescription:
+    """What the store validates adapters against, from the checkpoint's config alone (no weights loaded)."""
+    return describe_base_model(read_config(model_dir), name=model_name or Path(model_dir).name)
+
+
+def _residency_config(model: LlamaModel, options: EngineOptions) -> ResidencyConfig:
+    device_bytes = options.adapter_device_bytes
+    if device_bytes is None:
+        bytes_per_row = sum((linear.num_slices * linear.in_features + linear.out_features)
+                            * model.embed_tokens.weight.element_size() for linear in model.lora_linears())
+        device_bytes = bytes_per_row * options.max_lora_rank * options.max_adapters_on_device
+    return ResidencyConfig(device_budget_bytes=device_bytes, host_budget_bytes=options.adapter_host_bytes,
+                           num_slots=options.max_adapters_on_device)
+
+
+def _kv_cache_and_limits(model: LlamaModel, device: torch.device,
+                         options: EngineOptions) -> tuple[PagedKVCache, SchedulerConfig]:
+    config, block = model.config, options.block_size
+    dtype = model.embed_tokens.weight.dtype
+    bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
+    max_len = min(options.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+    budget = options.kv_cache_bytes
+    if budget is None:
+        wanted = options.max_num_seqs * max_len * bytes_per_token
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = min(wanted, free // 4)
+        else:
+            budget = min(wanted, CPU_KV_CACHE_CAP_BYTES)
+    num_blocks = budget // (block * bytes_per_token)
+    if num_blocks < 2:
+        raise ValueError(f"a KV cache of {budget} bytes holds fewer than 2 blocks of {block} tokens "
+                         f"({bytes_per_token} bytes per token)")
+    max_len = min(max_len, num_blocks * block)
+    kv_cache = PagedKVCache(config.num_layers, num_blocks, block, config.num_kv_heads, config.head_dim, dtype,
+                            device, config.sliding_window)
+    scheduler_config = SchedulerConfig(num_blocks=num_blocks, max_model_len=max_len, block_size=block,
+                                       max_num_batched_tokens=max(options.max_num_batched_tokens, options.max_num_seqs),
+                                       max_num_seqs=options.max_num_seqs, max_overtakes=options.max_overtakes,
+                                       prefill_chunk_size=options.prefill_chunk_size)
+    return kv_cache, scheduler_config
+
+
+def _no_adapters(key: object) -> int:
+    raise AssertionError(f"adapter {key} scheduled on an engine that serves none")
