@@ -65,3 +65,12 @@ class LoraBatch:
             segments=tuple(segments),
             max_segment_len=max((s.num_tokens for s in segments), default=0),
         )
+
+    @classmethod
+    def from_segments(cls, batch: "LoraBatch", segments: list[LoraSegment]) -> "LoraBatch":
+        """A host-side sub-batch of `batch`'s segments (for the torch path, which reads only host fields and
+        sorted_token_ids; the device segment tables are left empty)."""
+        empty = batch.segment_slots[:0]
+        return cls(token_slots=batch.token_slots, sorted_token_ids=batch.sorted_token_ids, segment_slots=empty,
+                   segment_starts=empty, segment_lens=empty, segments=tuple(segments),
+                   max_segment_len=max((s.num_tokens for s in segments), default=0))

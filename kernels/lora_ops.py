@@ -14,9 +14,27 @@ from importlib.util import find_spec
 import torch
 
 from kernels.lora_batch import LoraBatch
+from kernels.lora_gather import lora_gathered_torch
 from kernels.lora_torch import lora_expand_torch, lora_shrink_torch, max_active_rank
 
 LORA_BACKENDS = ("auto", "triton", "torch")
+# The torch backend gathers per-token weights for segments this short (decodes), and runs one matmul per segment
+# for longer ones (prefill). Why 2: on CPU a segment's few matmuls cost ~50 µs of overhead, about what gathering two
+# tokens' rows of a 7B-sized layer costs; measured with server.engine.bench (see the engine's benchmark notes).
+GATHER_MAX_SEGMENT_TOKENS = 2
+
+
+def split_short_segments(batch: LoraBatch) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, LoraBatch | None]:
+    """(token ids and slots of the short segments, or None; a LoraBatch of the long segments, or None)."""
+    short = [seg for seg in batch.segments if seg.num_tokens <= GATHER_MAX_SEGMENT_TOKENS]
+    if not short:
+        return None, batch
+    if len(short) == len(batch.segments):
+        token_ids = batch.sorted_token_ids
+        return (token_ids, batch.token_slots[token_ids]), None
+    token_ids = torch.cat([batch.sorted_token_ids[seg.start: seg.start + seg.num_tokens] for seg in short])
+    long = LoraBatch.from_segments(batch, [seg for seg in batch.segments if seg.num_tokens > GATHER_MAX_SEGMENT_TOKENS])
+    return (token_ids, batch.token_slots[token_ids]), long
 
 
 def resolve_lora_backend(name: str, device: torch.device) -> str:
@@ -70,8 +88,14 @@ def apply_lora(
     if max_rank == 0:  # every slot in the batch skips this layer
         return
     if backend == "torch":
-        y = lora_shrink_torch(x, lora_a, batch, slot_row_starts_host, slot_ranks_host, slot_scales_host)
-        lora_expand_torch(y, lora_bt, out, batch, slot_row_starts_host, slot_ranks_host, slice_offsets_host)
+        short, long = split_short_segments(batch)
+        if short is not None:
+            token_ids, token_slots = short
+            lora_gathered_torch(x, out, lora_a, lora_bt, token_ids, token_slots, slot_row_starts, slot_ranks,
+                                slot_scales, slice_offsets_host, max_rank)
+        if long is not None:
+            y = lora_shrink_torch(x, lora_a, long, slot_row_starts_host, slot_ranks_host, slot_scales_host)
+            lora_expand_torch(y, lora_bt, out, long, slot_row_starts_host, slot_ranks_host, slice_offsets_host)
     elif backend == "triton":
         # Imported on first use: @triton.jit reads TRITON_INTERPRET when the kernel module is imported, and a
         # CPU-only server never pays for importing triton.
