@@ -241,10 +241,11 @@ class Scheduler:
         for seq in list(self._seqs.values()):
             if seq.deadline is not None and seq.deadline < now:
                 self._finish(seq, "timeout")
-            elif seq.status is SequenceStatus.RUNNING and not self._is_adapter_ready(seq):
-                hold = self._holds[seq.seq_id]
-                if hold.done():
-                    self._finish(seq, "error", str(hold.exception()))
+            elif seq.status is SequenceStatus.RUNNING and (hold := self._holds.get(seq.seq_id)) is not None:
+                # Read the future once: the loader thread may complete it at any moment (a load that ends between
+                # "not ready" and "done" would otherwise read as a failure with no exception).
+                if hold.done() and (error := hold.exception()) is not None:
+                    self._finish(seq, "error", str(error))
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         if seq.status is SequenceStatus.RUNNING:

@@ -394,6 +394,40 @@ def test_failed_load_finishes_only_that_request():
     assert "corrupt" in seqs[0].error and seqs[0].output_token_ids == [] and scheduler.num_errors == 2
 
 
+class CompletesWhenAsked(Future):
+    """A load that finishes on another thread at the worst moment: while the scheduler is looking at it. The
+    `flip_at`-th call of done() still answers "no" but completes it (a slot, no error) for every later look."""
+
+    def __init__(self, flip_at: int) -> None:
+        super().__init__()
+        self.calls, self.flip_at = 0, flip_at
+
+    def done(self) -> bool:
+        self.calls += 1
+        was_done = super().done()
+        if not was_done and self.calls >= self.flip_at:
+            self.set_result(0)
+        return was_done
+
+
+@pytest.mark.parametrize("flip_at", range(1, 6))
+def test_a_load_completing_mid_check_is_not_mistaken_for_a_failure(flip_at):
+    residency = FakeResidency()
+    racing = CompletesWhenAsked(flip_at)
+    residency.acquire = lambda key: racing
+    residency.release = lambda key: None
+    scheduler = Scheduler(config(), residency)
+    seq = make_seq(0, adapter_id="a")
+    scheduler.add(seq)
+    model = FakeModel(scheduler.block_manager)
+    for _ in range(6):
+        batch = scheduler.schedule(0.0)
+        if batch is not None:
+            scheduler.on_step_done(batch, model.run(batch))
+    assert seq.finish_reason != "error", seq.error
+    assert seq.output_token_ids
+
+
 def test_version_is_pinned_when_the_request_is_added():
     residency = FakeResidency()
     scheduler = Scheduler(config(), residency)
