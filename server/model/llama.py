@@ -1,7 +1,8 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2), read top to bottom.
 
 Tokens arrive as one flat batch (no padding): token t of the batch has an id, a position in its own sequence, and
-an adapter slot in `lora`. The attention backend knows which sequence each token belongs to.
+an adapter slot in `lora` (or one in each of several LoRA batches, whose terms add up: see server.model.merge).
+The attention backend knows which sequence each token belongs to.
 """
 
 from collections.abc import Mapping
@@ -9,10 +10,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from kernels.lora_batch import LoraBatch
 from server.model.attention import AttentionBackend
 from server.model.config import ModelConfig
-from server.model.lora_linear import LoraLinear, SliceWeights
+from server.model.lora_linear import LoraBatches, LoraLinear, SliceWeights
 from server.model.rope import RotaryEmbedding
 
 # Our packed projections, and where each Hugging Face / PEFT module name lives inside them: name -> (attr, slice).
@@ -49,7 +49,7 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
-                lora: LoraBatch | None) -> torch.Tensor:
+                lora: LoraBatches) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x, lora)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split(self.qkv_proj.slice_sizes, dim=-1)
@@ -68,7 +68,7 @@ class MLP(nn.Module):
         self.gate_up_proj = LoraLinear(config.hidden_size, (inter, inter), config.mlp_bias)
         self.down_proj = LoraLinear(inter, (config.hidden_size,), config.mlp_bias)
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatches) -> torch.Tensor:
         gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)  # each [num_tokens, intermediate]
         return self.down_proj(nn.functional.silu(gate) * up, lora)
 
@@ -82,7 +82,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
-                lora: LoraBatch | None) -> torch.Tensor:
+                lora: LoraBatches) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, attention, lora)
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
@@ -102,7 +102,7 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
-                lora: LoraBatch | None = None) -> torch.Tensor:
+                lora: LoraBatches = None) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
@@ -136,19 +136,24 @@ class LlamaModel(nn.Module):
         and `scale` (adapters_store.LoraModuleWeights); modules it leaves out get rank 0.
         """
         for layer_index, layer in enumerate(self.layers):
-            by_packed: dict[str, list[SliceWeights]] = {}
-            for name, (packed, k) in PACKED_MODULES.items():
-                linear: LoraLinear = self.packed_linear(layer, packed)
-                slices = by_packed.setdefault(packed, [None] * linear.num_slices)
-                weights = modules.get((layer_index, name))
-                if weights is not None:
-                    slices[k] = (weights.lora_a, weights.lora_b, weights.scale)
-            for packed, slices in by_packed.items():
+            for packed, slices in self.packed_slices(layer_index, modules).items():
                 self.packed_linear(layer, packed).load_slot(slot, row_start, slices)
 
     def clear_lora_slot(self, slot: int) -> None:
         for linear in self.lora_linears():
             linear.clear_slot(slot)
+
+    def packed_slices(self, layer_index: int, modules: Mapping[tuple[int, str], object]
+                      ) -> dict[str, list[SliceWeights]]:
+        """Layer `layer_index`'s share of `modules` (as in load_lora_slot): packed linear -> weights per slice."""
+        by_packed: dict[str, list[SliceWeights]] = {}
+        for name, (packed, k) in PACKED_MODULES.items():
+            linear = self.packed_linear(self.layers[layer_index], packed)
+            slices = by_packed.setdefault(packed, [None] * linear.num_slices)
+            weights = modules.get((layer_index, name))
+            if weights is not None:
+                slices[k] = (weights.lora_a, weights.lora_b, weights.scale)
+        return by_packed
 
     @staticmethod
     def packed_linear(layer: DecoderLayer, packed: str) -> LoraLinear:

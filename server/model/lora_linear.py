@@ -2,6 +2,10 @@
 
 `base` computes x @ Wᵀ (+ bias). It is a dense layer here; the NF4 pass swaps in a 4-bit one, and the LoRA term
 never sees the difference. Packed projections (q/k/v, gate/up) are one layer with several output *slices*.
+
+A forward pass may carry several LoRA batches: each adds its tokens' terms through the same kernels and the same
+slot pool. While an adapter is merged into the base (see server.model.merge), the second batch is the compensation
+one, whose slot reads the merged adapter's rows with negated scales.
 """
 
 from collections.abc import Sequence
@@ -16,6 +20,8 @@ from kernels.lora_ops import apply_lora
 
 # One slice's adapter weights: (A [rank, in], B [out_k, rank], scale), or None where the adapter skips the slice.
 SliceWeights = tuple[torch.Tensor, torch.Tensor, float] | None
+# What a forward pass is given: no LoRA, one batch, or several whose terms all add up (each token, each batch).
+LoraBatches = LoraBatch | tuple[LoraBatch, ...] | None
 
 
 class DenseBase(nn.Module):
@@ -48,6 +54,7 @@ class LoraLinear(nn.Module):
         # The same tables on the device, for the Triton backend (refreshed whenever a slot changes).
         self.slot_tables: dict[str, torch.Tensor] = {}
         self.max_loaded_rank = 0
+        self.compensation_slot = -1  # the extra table entry past the engine's slots, once a pool is allocated
         self.lora_backend = "torch"  # "torch" or "triton", resolved by whoever builds the model (see kernels.lora_ops)
 
     @property
@@ -61,12 +68,17 @@ class LoraLinear(nn.Module):
     # ---------------------------------------------------------------- adapter slots
 
     def allocate_lora_pool(self, total_rows: int, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Room for `num_slots` adapters sharing `total_rows` rows (a slot of rank r uses r of them)."""
+        """Room for `num_slots` adapters sharing `total_rows` rows (a slot of rank r uses r of them).
+
+        The tables get one entry more, slot `num_slots` (`compensation_slot`): it owns no rows, and is only ever an
+        alias of another slot's rows (see `alias_slot`), so the engine's slots 0..num_slots-1 stay all its own.
+        """
         self.lora_a = torch.zeros(self.num_slices, total_rows, self.in_features, dtype=dtype, device=device)
         self.lora_bt = torch.zeros(total_rows, self.out_features, dtype=dtype, device=device)
-        self.slot_row_starts = [0] * num_slots
-        self.slot_ranks = [[0] * self.num_slices for _ in range(num_slots)]
-        self.slot_scales = [[0.0] * self.num_slices for _ in range(num_slots)]
+        self.compensation_slot = num_slots
+        self.slot_row_starts = [0] * (num_slots + 1)
+        self.slot_ranks = [[0] * self.num_slices for _ in range(num_slots + 1)]
+        self.slot_scales = [[0.0] * self.num_slices for _ in range(num_slots + 1)]
         self._sync_slot_tables()
 
     def load_slot(self, slot: int, row_start: int, slices: Sequence[SliceWeights]) -> None:
@@ -92,6 +104,27 @@ class LoraLinear(nn.Module):
         self.slot_scales[slot] = scales
         self._sync_slot_tables()
 
+    def alias_slot(self, slot: int, source: int, scale_factor: float) -> None:
+        """Point `slot` at `source`'s rows, with its scales times `scale_factor`: no weights are copied.
+
+        A scale factor of -1 gives -scale·B·A, the compensation term of a merged adapter; both LoRA backends take
+        any sign of scale (it multiplies the fp32 shrink output). `source` must keep its rows while aliased."""
+        assert slot != source
+        self.slot_row_starts[slot] = self.slot_row_starts[source]
+        self.slot_ranks[slot] = list(self.slot_ranks[source])
+        self.slot_scales[slot] = [scale * scale_factor for scale in self.slot_scales[source]]
+        self._sync_slot_tables()
+
+    def slot_slices(self, slot: int) -> list[SliceWeights]:
+        """The adapter in `slot` as it sits in the pool: per slice (A [rank, in], B [out_k, rank] views, scale)."""
+        assert self.lora_a is not None and self.lora_bt is not None, "allocate_lora_pool first"
+        row, slices = self.slot_row_starts[slot], []
+        for k, (rank, scale) in enumerate(zip(self.slot_ranks[slot], self.slot_scales[slot], strict=True)):
+            lo, hi = self.slice_offsets[k], self.slice_offsets[k + 1]
+            slices.append((self.lora_a[k, row : row + rank], self.lora_bt[row : row + rank, lo:hi].T, scale)
+                          if rank else None)
+        return slices
+
     def clear_slot(self, slot: int) -> None:
         self.slot_ranks[slot] = [0] * self.num_slices
         self.slot_scales[slot] = [0.0] * self.num_slices
@@ -110,13 +143,16 @@ class LoraLinear(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatches = None) -> torch.Tensor:
         # x: [num_tokens, in] -> out: [num_tokens, out_features]
         out = self.base(x)
-        if lora is None or not lora.has_lora or self.lora_a is None:
+        if lora is None or self.lora_a is None:
             return out
-        apply_lora(self.lora_backend, x, out, self.lora_a, self.lora_bt, lora,
-                   slot_row_starts_host=self.slot_row_starts, slot_ranks_host=self.slot_ranks,
-                   slot_scales_host=self.slot_scales, slice_offsets_host=self.slice_offsets, **self.slot_tables,
-                   max_rank=self.max_loaded_rank)  # a bound known up front: no per-call scan of the segments
+        for batch in lora if isinstance(lora, tuple) else (lora,):
+            if not batch.has_lora:
+                continue
+            apply_lora(self.lora_backend, x, out, self.lora_a, self.lora_bt, batch,
+                       slot_row_starts_host=self.slot_row_starts, slot_ranks_host=self.slot_ranks,
+                       slot_scales_host=self.slot_scales, slice_offsets_host=self.slice_offsets, **self.slot_tables,
+                       max_rank=self.max_loaded_rank)  # a bound known up front: no per-call scan of the segments
         return out
