@@ -9,11 +9,13 @@ from pathlib import Path
 
 from adapters_store import AdapterError, AdapterNotFound, AdapterStore
 from kernels.lora_ops import LORA_BACKENDS, resolve_lora_backend
+from server.api.serve import add_serve_parser, run_serve
 from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
 from server.engine.generate_all import generate_all
 from server.engine.request import EngineRequest, RequestError
 from server.engine.sampler import SamplingError, SamplingParams
 from server.engine.setup import EngineOptions, base_description, open_engine
+from server.export import ExportError, add_merge_parser, run_merge
 from server.model.config import ModelConfigError
 from server.model.loader import resolve_device
 
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--requests", type=Path, required=True,
                      help='JSONL: {"prompt": str} or {"prompt_token_ids": [int]}, plus "adapter", "max_new_tokens", '
                           '"temperature", "top_p", "top_k", "seed", "stop"')
+    add_merge_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 
@@ -53,8 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        run_generate(args)
-    except (CliError, AdapterError, AdapterNotFound, ModelConfigError, RequestError, SamplingError) as error:
+        if args.command == "serve":
+            sys.exit(run_serve(args))
+        if args.command == "merge":
+            run_merge(args)
+        else:
+            run_generate(args)
+    except (CliError, AdapterError, AdapterNotFound, ModelConfigError, RequestError, SamplingError,
+            ExportError) as error:
         sys.exit(f"lora-server: error: {error}")
 
 

@@ -13,9 +13,12 @@ import dataclasses
 import logging
 import threading
 import time
+from concurrent.futures import Future
 
 from adapters_store import AdapterNotFound
+from server.engine.adapter_key import AdapterKey
 from server.engine.engine import Engine
+from server.engine.merge_control import MergeRefused
 from server.engine.request import EngineRequest, EngineStoppedError, QueueFullError, RequestDelta
 from server.engine.stats import EngineStats
 
@@ -145,6 +148,29 @@ class AsyncEngine:
         if self.engine.adapters is not None:
             self.engine.adapters.residency.retire_lineage(tenant, adapter_id)
 
+    def request_merge(self, tenant: str, adapter_id: str) -> Future:
+        """Merge the adapter's newest version at a step boundary (manual merge policy). A concurrent Future: None
+        once merged, or MergeRefused; AdapterNotFound is raised at once."""
+        if self.engine.merge is None or self.engine.adapters is None:
+            raise MergeRefused("this engine serves no adapters")
+        key = AdapterKey(tenant, adapter_id, self.engine.adapters.latest_version(tenant, adapter_id))
+        return self._call_on_loop_thread(lambda: self.engine.merge.request_merge(key), chain=True)
+
+    def request_unmerge(self, tenant: str, adapter_id: str) -> Future:
+        """Unmerge at the next step boundary; a concurrent Future: None, or MergeRefused."""
+        if self.engine.merge is None:
+            raise MergeRefused("this engine serves no adapters")
+        return self._call_on_loop_thread(lambda: self.engine.merge.request_unmerge(tenant, adapter_id))
+
+    def _call_on_loop_thread(self, call, chain: bool = False) -> Future:
+        """Run `call` on the step-loop thread between steps; its result (or, with chain, the result of the Future it
+        returns) completes the returned Future."""
+        result: Future = Future()
+        with self._lock:
+            self._inbox.append(("call", (call, result, chain)))
+            self._lock.notify()
+        return result
+
     def adapter_tier(self, tenant: str, adapter_id: str) -> str:
         if self.engine.adapters is None:
             return "disk"
@@ -180,6 +206,18 @@ class AsyncEngine:
         if op == "abort":
             self.engine.abort(arg)  # its last delta comes from the next step
             return None
+        if op == "call":
+            call, result, chain = arg
+            try:
+                value = call()
+            except Exception as error:
+                result.set_exception(error)
+                return None
+            if chain:
+                value.add_done_callback(lambda done: _copy_outcome(done, result))
+            else:
+                result.set_result(value)
+            return None
         request = arg
         try:
             self.engine.add_request(request)
@@ -201,3 +239,10 @@ class AsyncEngine:
             loop.call_soon_threadsafe(stream._queue.put_nowait, delta)
         except RuntimeError:  # its event loop is closed: nobody is listening any more
             pass
+
+
+def _copy_outcome(source: Future, target: Future) -> None:
+    if source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())

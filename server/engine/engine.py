@@ -12,11 +12,14 @@ finished for any reason (stop, length, timeout, abort, error) get their last del
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from server.engine.adapter_gate import AdapterGate
+from server.engine.merge_control import MergeControl
 from server.engine.model_runner import MAX_LOGPROBS, ModelRunner, SampledToken
 from server.engine.request import EngineRequest, RequestDelta, RequestError, TokenLogprob
+from server.engine.scheduled_batch import ScheduledBatch
 from server.engine.scheduler import Scheduler
 from server.engine.scheduler_config import SchedulerConfig
 from server.engine.sequence import Sequence
@@ -42,8 +45,9 @@ class _RequestState:
 
 class Engine:
     def __init__(self, runner: ModelRunner, config: SchedulerConfig, tokenizer, vocab_size: int,
-                 adapters: AdapterGate | None = None) -> None:
+                 adapters: AdapterGate | None = None, merge: MergeControl | None = None) -> None:
         self.runner = runner
+        self.merge = merge  # None: never merged
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -106,26 +110,13 @@ class Engine:
     # ---------------------------------------------------------------- one step
 
     def step(self) -> list[RequestDelta]:
-        now = time.monotonic()
-        batch = self.scheduler.schedule(now)
-        sampled: dict[int, SampledToken] = {}
-        if batch is not None:
-            for chunk in batch.chunks:
-                state = self._by_seq[chunk.seq.seq_id]
-                if state.first_scheduled is None:
-                    state.first_scheduled = now
-            try:
-                sampled = self.runner.run(batch, {s.seq.seq_id: s.request.logprobs for s in self._by_seq.values()
-                                                  if s.request.logprobs is not None})
-            except Exception as error:  # why: one bad step must fail its own requests, not the server
-                logger.exception("a model step failed; finishing its %d requests with an error", batch.num_seqs)
-                self.num_step_failures += 1
-                for chunk in batch.chunks:
-                    self.scheduler.finish(chunk.seq.seq_id, "error", f"the model step failed: {error}")
-                batch = None
-            if batch is not None:
-                self.scheduler.on_step_done(batch, {seq_id: s.token_id for seq_id, s in sampled.items()})
-            self.num_steps += 1
+        batch = self.scheduler.schedule(time.monotonic())
+        sampled = self._run(batch) if batch is not None else {}
+        if self.merge is not None:  # a switch happens here, between two steps
+            tokens_by_key: Counter = Counter()
+            for chunk in batch.chunks if batch is not None else ():
+                tokens_by_key[chunk.seq.adapter_key] += chunk.num_tokens
+            self.merge.after_step(tokens_by_key)
         self.num_generated_tokens_total += len(sampled)
 
         for seq_id, token in sampled.items():
@@ -140,6 +131,26 @@ class Engine:
         for seq_id in sampled.keys() | finished:
             deltas.append(self._delta(self._by_seq[seq_id], final=seq_id in finished))
         return deltas
+
+    def _run(self, batch: ScheduledBatch) -> dict[int, SampledToken]:
+        now = time.monotonic()
+        for chunk in batch.chunks:
+            state = self._by_seq[chunk.seq.seq_id]
+            if state.first_scheduled is None:
+                state.first_scheduled = now
+        self.num_steps += 1
+        num_logprobs = {state.seq.seq_id: state.request.logprobs for state in self._by_seq.values()
+                        if state.request.logprobs is not None}
+        try:
+            sampled = self.runner.run(batch, num_logprobs)
+        except Exception as error:  # why: one bad step must fail its own requests, not the server
+            logger.exception("a model step failed; finishing its %d requests with an error", batch.num_seqs)
+            self.num_step_failures += 1
+            for chunk in batch.chunks:
+                self.scheduler.finish(chunk.seq.seq_id, "error", f"the model step failed: {error}")
+            return {}
+        self.scheduler.on_step_done(batch, {seq_id: s.token_id for seq_id, s in sampled.items()})
+        return sampled
 
     def _delta(self, state: _RequestState, final: bool) -> RequestDelta:
         seq = state.seq
@@ -181,4 +192,5 @@ class Engine:
             num_generated_tokens_total=self.num_generated_tokens_total,
             num_step_failures=self.num_step_failures,
             residency=self.adapters.residency.counters() if self.adapters is not None else None,
+            merge=self.merge.stats() if self.merge is not None else None,
         )

@@ -17,6 +17,7 @@ from server.engine.sampler import SamplingParams, make_generator, sample
 from server.engine.scheduled_batch import ScheduledBatch
 from server.model.attention import PagedKVCache, PagedSequenceChunk
 from server.model.llama import LlamaModel
+from server.model.lora_linear import LoraBatches
 
 MAX_LOGPROBS = 20  # alternatives reported per token; OpenAI's own cap
 
@@ -28,12 +29,15 @@ class SampledToken:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, slot_of: Callable[[AdapterKey], int]) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, slot_of: Callable[[AdapterKey], int],
+                 lora_batches: Callable[[list[int]], LoraBatches] | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.slot_of = slot_of  # the device slot of a held, ready adapter version
         self.device = model.embed_tokens.weight.device
+        # Per-token slots -> the LoRA batches of a forward pass (MergeControl's, which compensate while merged).
+        self.lora_batches = lora_batches or (lambda token_slots: LoraBatch.build(token_slots, self.device))
         self._generators: dict[int, torch.Generator | None] = {}  # seq_id -> its own random stream, kept to the end
         self._block_offsets = torch.arange(self.block_size, device=self.device)
 
@@ -55,7 +59,7 @@ class ModelRunner:
             token_slots += [NO_SLOT if key is None else self.slot_of(key)] * n
         self.kv_cache.set_batch(tuple(chunks))
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                            self.kv_cache, LoraBatch.build(token_slots, self.device))  # [num_tokens, hidden]
+                            self.kv_cache, self.lora_batches(token_slots))  # [num_tokens, hidden]
 
         sampled = [(c, pc) for c, pc in zip(batch.chunks, chunks, strict=True) if c.is_sampled]
         if not sampled:

@@ -16,6 +16,8 @@ from kernels.lora_ops import resolve_lora_backend
 from server.engine.adapter_gate import AdapterGate
 from server.engine.base_description import describe_base_model
 from server.engine.engine import Engine
+from server.engine.merge_control import MERGE_MODES, MergeControl
+from server.engine.merge_policy import MergePolicyConfig
 from server.engine.model_runner import ModelRunner
 from server.engine.residency import Residency, ResidencyConfig
 from server.engine.scheduler_config import SchedulerConfig
@@ -47,18 +49,33 @@ class EngineOptions:
     adapter_device_bytes: int | None = None  # None: room for every slot at rank max_lora_rank
     max_lora_rank: int = 64
     adapter_host_bytes: int = 2 << 30
+    merge_policy: str = "off"  # off | manual | auto
+    merge_window_steps: int = 64
+    merge_share: float = 0.9
+    unmerge_share: float = 0.6
+    merge_min_steps_between_switches: int = 128
+    merge_budget_bytes: int | None = None  # device bytes for an NF4 base's merged dense copies; None: no cap
 
     def __post_init__(self) -> None:
         if self.quantize not in ("none", "nf4"):
             raise ValueError(f"quantize must be none or nf4, got {self.quantize!r}")
+        if self.merge_policy not in MERGE_MODES:
+            raise ValueError(f"merge_policy must be one of {', '.join(MERGE_MODES)}, got {self.merge_policy!r}")
+
+    @property
+    def merge_policy_config(self) -> MergePolicyConfig:
+        return MergePolicyConfig(window_steps=self.merge_window_steps, merge_share=self.merge_share,
+                                 unmerge_share=self.unmerge_share,
+                                 min_steps_between_switches=self.merge_min_steps_between_switches)
 
 
 class LoadedEngine(Engine):
     """An Engine with what its callers need to know about the model it serves."""
 
     def __init__(self, runner: ModelRunner, config: SchedulerConfig, tokenizer: Tokenizer, model: LlamaModel,
-                 gate: AdapterGate | None, store: AdapterStore | None, model_name: str) -> None:
-        super().__init__(runner, config, tokenizer, model.config.vocab_size, gate)
+                 gate: AdapterGate | None, merge: MergeControl | None, store: AdapterStore | None,
+                 model_name: str) -> None:
+        super().__init__(runner, config, tokenizer, model.config.vocab_size, gate, merge)
         self.model = model
         self.store = store  # owned by the caller, who opened it
         self.model_name = model_name
@@ -66,7 +83,9 @@ class LoadedEngine(Engine):
         self.base = describe_base_model(model.config, name=model_name)
 
     def close(self) -> None:
-        """Stop the adapter loader thread (the store stays open)."""
+        """Unmerge, stop the adapter loader thread (the store stays open)."""
+        if self.merge is not None:
+            self.merge.close()
         if self.adapters is not None:
             self.adapters.residency.close()
 
@@ -85,14 +104,18 @@ def open_engine(model_dir: Path, store: AdapterStore | None, options: EngineOpti
         logger.info("NF4: decoder linear weights %.2f MB -> %.2f MB", dense / 1e6, nf4 / 1e6)
     tokenizer = load_tokenizer(model_dir, model.config.eos_token_ids)
 
-    gate = None
+    gate = merge = None
     if store is not None:
         residency = Residency(model, StoreAdapterSource(store), _residency_config(model, options))
         gate = AdapterGate(residency, StoreAdapterSource(store))
+        merge = MergeControl(model, residency, options.merge_policy, options.merge_policy_config,
+                             options.merge_budget_bytes)
     kv_cache, scheduler_config = _kv_cache_and_limits(model, device, options)
-    runner = ModelRunner(model, kv_cache, slot_of=gate.residency.slot_of if gate else _no_adapters)
+    runner = ModelRunner(model, kv_cache, slot_of=gate.residency.slot_of if gate else _no_adapters,
+                         lora_batches=merge.lora_batches if merge else None)
 
-    engine = LoadedEngine(runner, scheduler_config, tokenizer, model, gate, store, model_name or Path(model_dir).name)
+    engine = LoadedEngine(runner, scheduler_config, tokenizer, model, gate, merge, store,
+                          model_name or Path(model_dir).name)
     logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max length %d, %d sequences at once",
                 engine.model_name, device, scheduler_config.num_blocks, scheduler_config.block_size,
                 scheduler_config.max_model_len, scheduler_config.max_num_seqs)

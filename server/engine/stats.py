@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from server.engine.merge_control import MergeStats
 from server.engine.residency import ResidencyCounters
 
 
@@ -17,6 +18,7 @@ class EngineStats:
     num_generated_tokens_total: int
     num_step_failures: int
     residency: ResidencyCounters | None = None  # None when the engine serves no adapters
+    merge: MergeStats | None = None
 
     @property
     def kv_cache_usage(self) -> float:

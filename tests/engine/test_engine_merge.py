@@ -1,0 +1,160 @@
+"""Merged mode in the engine: the same greedy tokens merged and unmerged for the merged adapter, other adapters and
+base-only requests in one batch, a switch in the middle of generation changes no one's output, the auto policy merges
+a dominant adapter and unmerges on a uniform mix, and the base weights come back bit for bit."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from server.demo import tasks
+from server.engine.adapter_key import AdapterKey
+from server.engine.async_engine import AsyncEngine
+from server.engine.generate_all import generate_all
+from server.engine.merge_control import MergeRefused
+from server.engine.request import EngineRequest
+from server.engine.sampler import SamplingParams
+from tests.engine.engine_helpers import RANDOM_ADAPTERS, open_demo_engine, open_random_engine, write_random_checkpoint
+
+
+def mixed_requests(tokenizer, rng: random.Random, num: int, names: list, prefix: str) -> list[EngineRequest]:
+    texts = tasks.held_out_texts(num, rng.randrange(1 << 30))
+    return [EngineRequest(tokenizer.encode(tasks.make_prompt(text)), SamplingParams(max_new_tokens=26),
+                          adapter_id=names[i % len(names)], request_id=f"{prefix}{i}") for i, text in enumerate(texts)]
+
+
+def base_weights(engine) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in engine.model.named_parameters() if ".base." in name}
+
+
+def merge_now(engine, adapter_id: str) -> None:
+    key = AdapterKey("default", adapter_id, engine.adapters.latest_version("default", adapter_id))
+    done = engine.merge.request_merge(key)
+    while not done.done():
+        engine.step()
+    done.result()
+
+
+@pytest.fixture
+def demo_engine(tmp_path):
+    engine = open_demo_engine(tmp_path / "store", max_num_seqs=16, merge_policy="manual")
+    yield engine
+    engine.close()
+    engine.store.close()
+
+
+def test_merged_mode_gives_every_request_the_same_tokens(demo_engine):
+    rng = random.Random()
+    before = base_weights(demo_engine)
+    requests = mixed_requests(demo_engine.tokenizer, rng, 20, [None, *tasks.ADAPTER_NAMES], "r")
+    unmerged = generate_all(demo_engine, requests)
+    merge_now(demo_engine, "upper")
+    assert demo_engine.merge.merged_key.adapter_id == "upper"
+    assert any(not torch.equal(before[n], p) for n, p in base_weights(demo_engine).items()), "nothing was merged"
+    merged = generate_all(demo_engine, requests)
+    for request, a, b in zip(requests, unmerged, merged, strict=True):
+        assert a.token_ids == b.token_ids, f"{request.adapter_id}: {a.text!r} unmerged, {b.text!r} merged"
+    demo_engine.merge.request_unmerge("default", "upper")
+    after = base_weights(demo_engine)
+    assert all(torch.equal(before[n], after[n]) for n in before), "unmerge must restore every base weight exactly"
+    stats = demo_engine.stats().merge
+    assert stats.num_switches == 2 and stats.merged is None and stats.seconds_merged > 0
+
+
+def test_switching_mid_generation_changes_no_output(demo_engine):
+    rng = random.Random()
+    requests = mixed_requests(demo_engine.tokenizer, rng, 12, [None, "upper", "rot13", "upper"], "m")
+    reference = generate_all(demo_engine, requests)
+    key = AdapterKey("default", "upper", demo_engine.adapters.latest_version("default", "upper"))
+
+    steps = iter(range(1000))
+
+    def switch_midway(engine):
+        step = next(steps)
+        if step == 5:
+            engine.merge.request_merge(key)
+        elif step == 14:
+            engine.merge.request_unmerge("default", "upper")
+
+    switched = generate_all(demo_engine, requests, on_step=switch_midway)
+    assert [r.token_ids for r in switched] == [r.token_ids for r in reference]
+    assert demo_engine.stats().merge.num_switches == 2
+
+
+def test_random_adapters_merged_equal_unmerged(tmp_path):
+    root = write_random_checkpoint(tmp_path / "ckpt").parent
+    engine = open_random_engine(root, tmp_path / "store", max_num_seqs=8, merge_policy="manual")
+    try:
+        rng = random.Random()
+        names = [None, *RANDOM_ADAPTERS]
+        requests = [EngineRequest([rng.randrange(3, 97) for _ in range(rng.randint(2, 30))],
+                                  SamplingParams(max_new_tokens=12), adapter_id=names[i % len(names)],
+                                  request_id=str(i)) for i in range(15)]
+        unmerged = generate_all(engine, requests)
+        for merged_name in ("r2-rslora", "r16-patterned"):
+            merge_now(engine, merged_name)
+            merged = generate_all(engine, requests)
+            assert [r.token_ids for r in merged] == [r.token_ids for r in unmerged], f"merged {merged_name}"
+    finally:
+        engine.close()
+        engine.store.close()
+
+
+def test_auto_policy_merges_a_dominant_adapter_then_unmerges_on_a_uniform_mix(tmp_path):
+    engine = open_demo_engine(tmp_path / "store", max_num_seqs=16, merge_policy="auto", merge_window_steps=8,
+                              merge_min_steps_between_switches=8, merge_share=0.85, unmerge_share=0.5)
+    reference = open_demo_engine(tmp_path / "reference-store", max_num_seqs=16, merge_policy="off")
+    try:
+        rng = random.Random()
+        skewed = mixed_requests(engine.tokenizer, rng, 40, ["upper"] * 19 + ["rot13"], "s")
+        uniform = mixed_requests(engine.tokenizer, rng, 40, [None, *tasks.ADAPTER_NAMES], "u")
+        merged_steps = []
+        skewed_results = generate_all(engine, skewed, on_step=lambda e: merged_steps.append(e.merge.merged_key))
+        assert any(k is not None and k.adapter_id == "upper" for k in merged_steps), "the skew never merged upper"
+        uniform_results = generate_all(engine, uniform)
+        assert engine.merge.merged_key is None
+        switches = engine.stats().merge.num_switches
+        assert 2 <= switches <= 4, f"{switches} switches: thrashing"
+        # Every output is what an engine that never merges gives.
+        assert all(r.finish_reason != "error" for r in skewed_results + uniform_results), \
+            [r.error for r in skewed_results + uniform_results if r.error]
+        assert [r.token_ids for r in skewed_results] == [r.token_ids for r in generate_all(reference, skewed)]
+        assert [r.token_ids for r in uniform_results] == [r.token_ids for r in generate_all(reference, uniform)]
+    finally:
+        for e in (engine, reference):
+            e.close()
+            e.store.close()
+
+
+def test_manual_merge_is_refused_when_the_policy_is_off(tmp_path):
+    engine = open_demo_engine(tmp_path / "store", merge_policy="off")
+    try:
+        key = AdapterKey("default", "upper", 1)
+        with pytest.raises(MergeRefused, match="manual"):
+            engine.merge.request_merge(key).result()
+        with pytest.raises(MergeRefused, match="manual"):
+            engine.merge.request_unmerge("default", "upper")
+    finally:
+        engine.close()
+        engine.store.close()
+
+
+def test_async_merge_requests_go_through_the_step_loop(demo_engine):
+    async def main():
+        engine = AsyncEngine(demo_engine)
+        engine.start()
+        try:
+            await asyncio.wrap_future(engine.request_merge("default", "title"))
+            assert demo_engine.merge.merged_key.adapter_id == "title"
+            stream = engine.submit(EngineRequest(demo_engine.tokenizer.encode(tasks.make_prompt("merged mode")),
+                                                 SamplingParams(max_new_tokens=20), adapter_id="title"))
+            assert "".join([d.text async for d in stream]) == "Merged Mode"
+            with pytest.raises(MergeRefused, match="not merged"):
+                await asyncio.wrap_future(engine.request_unmerge("default", "upper"))
+            await asyncio.wrap_future(engine.request_unmerge("default", "title"))
+            assert demo_engine.merge.merged_key is None
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
