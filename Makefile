@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo demo-offline test lint clean
 
 $(BIN)/.installed: pyproject.toml
 	@# With CUDA, keep the machine's own torch (system site packages); without, install the CPU build pinned
@@ -16,7 +16,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# The HTTP server on the embedded demo (http://127.0.0.1:8000, open, the demo adapters registered); Ctrl-C drains.
 demo: $(BIN)/.installed
+	$(BIN)/lora-server serve
+
+# The offline command on the same demo: server/demo/requests.jsonl, mixed adapters in one batch, one JSON line each.
+demo-offline: $(BIN)/.installed
 	$(BIN)/lora-server generate --requests server/demo/requests.jsonl
 
 test: $(BIN)/.installed

@@ -1,0 +1,69 @@
+"""Open what the server serves: the adapter store, the engine on the model, its async loop, the chat template.
+
+Without a model directory it is the embedded demo, and a store with no adapters for the demo model gets the four demo
+adapters (for every tenant the key file names), so the first request can already use one."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters_store import READY, AdapterStore, StoreLimits
+from server.api.chat_template import ChatTemplate
+from server.api.state import Served
+from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
+from server.engine.async_engine import AsyncEngine
+from server.engine.setup import EngineOptions, base_description, open_engine
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "demo"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class ServeTarget:
+    model_dir: Path | None  # None: the embedded demo
+    model_name: str | None  # None: "demo" for the demo, else the directory's name
+    store_dir: Path
+    engine_options: EngineOptions
+    store_limits: StoreLimits
+    max_pending: int
+    tenants: tuple[str, ...]  # whose store gets the demo adapters
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        return DEMO_MODEL_DIR if self.model_dir is None else Path(self.model_dir)
+
+    @property
+    def resolved_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return DEMO_MODEL_NAME if self.model_dir is None else self.resolved_model_dir.resolve().name
+
+
+def open_served(target: ServeTarget) -> Served:
+    model_dir, name = target.resolved_model_dir, target.resolved_model_name
+    store = AdapterStore.open(target.store_dir, base_description(model_dir, name), target.store_limits)
+    try:
+        logger.info("adapter store %s opened (%d servable versions); recovery: %s", target.store_dir,
+                    store.num_versions(), store.recovery)
+        if target.model_dir is None:
+            register_demo_adapters(store, target.tenants)
+        engine = open_engine(model_dir, store, target.engine_options, model_name=name)
+    except BaseException:
+        store.close()
+        raise
+    async_engine = AsyncEngine(engine, max_pending=target.max_pending)
+    async_engine.start()
+    return Served(async_engine, store, ChatTemplate.from_model_dir(model_dir))
+
+
+def register_demo_adapters(store: AdapterStore, tenants: tuple[str, ...]) -> None:
+    """Put the demo adapters for each tenant, if the store holds no servable adapter for this base model at all."""
+    if any(row.state == READY and row.base_fingerprint == store.base_fingerprint for row in store.rows()):
+        return
+    adapter_dirs = demo_adapter_dirs()
+    for tenant in tenants:
+        for name, path in adapter_dirs.items():
+            store.put(tenant, name, {file: (path / file).read_bytes() for file in ADAPTER_FILES})
+    logger.info("registered the demo adapters %s for tenants %s", sorted(adapter_dirs), list(tenants))

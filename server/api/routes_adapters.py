@@ -1,0 +1,145 @@
+"""Adapters of the caller's tenant: upload (POST a new one, PUT a new version: hot-swap), list, inspect, delete.
+
+An upload is a multipart form: text field `adapter_id` (POST), file fields `adapter_config` (adapter_config.json) and
+`adapter_model` (adapter_model.safetensors). The store validates it fully against the base model before anything is
+written. New requests pin the newest version when submitted; requests already running finish on theirs.
+
+Uploads of one server run one at a time (an asyncio lock): they are rare, and it makes POST's "must not exist yet"
+check and the write one step."""
+
+import asyncio
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from adapters_store import AdapterError, AdapterStore, AdapterVersion
+from adapters_store.peft_adapter import WEIGHTS_FILE
+from adapters_store.peft_config import CONFIG_FILE
+from server.api.auth import Principal, require_admin
+from server.api.deps import CallerDep, StateDep
+from server.api.errors import CONFLICT, TOO_LARGE, ApiError, api_error_from, invalid_request, not_found
+from server.api.schemas import AdapterCreated, AdapterDeleted, AdapterDetail, AdapterList, AdapterSummary
+from server.api.state import Served, ServerState
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+ConfigFile = Annotated[UploadFile, File(description="adapter_config.json")]
+ModelFile = Annotated[UploadFile, File(description="adapter_model.safetensors")]
+UPLOAD_RESULT_OF_STATUS = {201: "success", 400: "invalid", 413: "too_large", 409: "conflict"}
+
+
+@router.post("/v1/adapters", status_code=201, response_model=AdapterCreated, summary="Upload a new adapter")
+async def create_adapter(adapter_id: Annotated[str, Form()], adapter_config: ConfigFile, adapter_model: ModelFile,
+                         state: StateDep, principal: CallerDep) -> dict:
+    return await _upload(state, principal, adapter_id, adapter_config, adapter_model, must_be_new=True)
+
+
+@router.put("/v1/adapters/{adapter_id}", status_code=201, response_model=AdapterCreated,
+            summary="Store a new version of an adapter (created if missing); new requests use it at once")
+async def put_adapter(adapter_id: str, adapter_config: ConfigFile, adapter_model: ModelFile, state: StateDep,
+                      principal: CallerDep,
+                      form_adapter_id: Annotated[str | None, Form(alias="adapter_id")] = None) -> dict:
+    if form_adapter_id is not None and form_adapter_id != adapter_id:
+        raise invalid_request(f"the form's adapter_id {form_adapter_id!r} differs from the path's {adapter_id!r}",
+                              param="adapter_id")
+    return await _upload(state, principal, adapter_id, adapter_config, adapter_model, must_be_new=False)
+
+
+@router.get("/v1/adapters", response_model=AdapterList, summary="The caller's adapters, each at its latest version")
+async def list_adapters(state: StateDep,
+                        principal: CallerDep) -> dict:
+    served = state.require_served()
+    records = _store(served).list_adapters(principal.tenant)
+    return {"object": "list", "data": [_summary(record, served.model_name) for record in records]}
+
+
+@router.get("/v1/adapters/{adapter_id}", response_model=AdapterDetail,
+            summary="An adapter's versions, where it sits now, and the requests it has served")
+async def get_adapter(adapter_id: str, state: StateDep,
+                      principal: CallerDep) -> dict:
+    served = state.require_served()
+    versions = _store(served).versions(principal.tenant, adapter_id)
+    if not versions:
+        raise _no_adapter(adapter_id)
+    served_by_version = state.metrics.adapter_traffic.served(principal.tenant, adapter_id)
+    return {"id": adapter_id, "parent": served.model_name, "current_version": versions[-1].version,
+            "versions": [_version_body(record) for record in versions],
+            "tier": served.engine.adapter_tier(principal.tenant, adapter_id),
+            "requests_served": sum(served_by_version.values()),
+            "requests_served_by_version": {int(v): n for v, n in served_by_version.items() if isinstance(v, int)}}
+
+
+@router.delete("/v1/adapters/{adapter_id}", response_model=AdapterDeleted,
+               summary="Delete every version; requests already running finish first")
+async def delete_adapter(adapter_id: str, state: StateDep,
+                         principal: CallerDep) -> dict:
+    require_admin(principal)
+    served = state.require_served()
+    store = _store(served)
+    deleted = await asyncio.to_thread(store.delete, principal.tenant, adapter_id)  # AdapterNotFound: a 404
+    served.engine.retire_adapter(principal.tenant, adapter_id)
+    logger.info("tenant %s deleted adapter %s (versions %s)", principal.tenant, adapter_id,
+                [record.version for record in deleted])
+    return {"id": adapter_id, "versions": sorted(record.version for record in deleted)}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def _upload(state: ServerState, principal: Principal, adapter_id: str, config_file: UploadFile,
+                  weights_file: UploadFile, must_be_new: bool) -> dict:
+    require_admin(principal)
+    served = state.require_served()
+    store = _store(served)
+    try:
+        if adapter_id == served.model_name:
+            raise invalid_request(f"adapter_id {adapter_id!r} is the base model's name, which means no adapter",
+                                  param="adapter_id")
+        files = {CONFIG_FILE: await _read_within(config_file, store.limits.max_config_bytes, "adapter_config"),
+                 WEIGHTS_FILE: await _read_within(weights_file, store.limits.max_file_bytes, "adapter_model")}
+        async with state.upload_lock:
+            if must_be_new and store.versions(principal.tenant, adapter_id):
+                raise ApiError(409, CONFLICT, f"adapter {adapter_id!r} already exists: PUT /v1/adapters/{adapter_id} "
+                                              "stores a new version", code="adapter_exists")
+            record = await asyncio.to_thread(store.put, principal.tenant, adapter_id, files)
+    except (ApiError, AdapterError) as error:
+        status = api_error_from(error).status
+        state.metrics.uploads.labels(UPLOAD_RESULT_OF_STATUS.get(status, "error")).inc()
+        raise
+    except Exception:
+        state.metrics.uploads.labels("error").inc()
+        raise
+    state.metrics.uploads.labels("success").inc()
+    return {"id": adapter_id, "version": record.version, "sha256": record.sha256, "ranks": list(record.ranks),
+            "num_bytes": record.num_bytes, "created_at": record.created_at, "parent": served.model_name}
+
+
+async def _read_within(upload: UploadFile, limit: int, field: str) -> bytes:
+    if upload.size is not None and upload.size > limit:
+        raise ApiError(413, TOO_LARGE, f"{field}: {upload.size} bytes is over this server's limit of {limit} bytes",
+                       param=field)
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, TOO_LARGE, f"{field}: over this server's limit of {limit} bytes", param=field)
+    return data
+
+
+def _store(served: Served) -> AdapterStore:
+    if served.store is None:
+        raise invalid_request("this server was started without an adapter store: it serves the base model only")
+    return served.store
+
+
+def _no_adapter(adapter_id: str) -> ApiError:
+    return not_found(f"no adapter {adapter_id!r}")
+
+
+def _version_body(record: AdapterVersion) -> dict:
+    return {"version": record.version, "sha256": record.sha256, "ranks": list(record.ranks),
+            "num_bytes": record.num_bytes, "created_at": record.created_at, "state": record.state}
+
+
+def _summary(record: AdapterVersion, parent: str) -> AdapterSummary:
+    return AdapterSummary(id=record.adapter_id, **_version_body(record), parent=parent)

@@ -1,0 +1,109 @@
+"""Request and response bodies of the server's own routes (/v1/generate, /v1/adapters). Pydantic stops here: routes
+turn these into the engine's dataclasses at once.
+
+Ranges of the sampling numbers are checked by SamplingParams itself (one source of truth), not repeated here."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silently ignored default
+
+    prompt: str | None = None
+    prompt_token_ids: list[StrictInt] | None = None
+    adapter_id: str | None = Field(default=None, description="an adapter of the caller's tenant; null: the base model")
+    max_new_tokens: StrictInt | None = Field(default=None, description="default: the server's --default-max-new-tokens")
+    temperature: float = Field(default=0.0, description="0: greedy")
+    top_p: float = 1.0
+    top_k: StrictInt = Field(default=0, description="0: no top-k cut")
+    seed: StrictInt | None = None
+    stop: list[str] = Field(default_factory=list, description="generation ends before the first of these strings")
+    logprobs: StrictInt | None = Field(default=None, description="the chosen token's logprob and this many "
+                                                                "alternatives per token")
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise ValueError('give exactly one of "prompt" and "prompt_token_ids"')
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TokenLogprobBody(BaseModel):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = Field(description="(token id, logprob) of the most likely tokens, best first")
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    adapter_id: str | None
+    adapter_version: int | str | None
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    logprobs: list[TokenLogprobBody] | None = None
+
+
+# ---------------------------------------------------------------- adapters
+
+
+class AdapterVersionBody(BaseModel):
+    version: int
+    sha256: str = Field(description="of the version's content: both files")
+    ranks: list[int] = Field(description="the distinct LoRA ranks, ascending")
+    num_bytes: int
+    created_at: float = Field(description="Unix seconds")
+    state: Literal["ready", "unusable"]
+
+
+class AdapterCreated(BaseModel):
+    id: str
+    version: int
+    sha256: str
+    ranks: list[int]
+    num_bytes: int
+    created_at: float
+    parent: str = Field(description="the base model it runs on")
+
+
+class AdapterSummary(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    version: int = Field(description="the latest version: what a new request runs with")
+    sha256: str
+    ranks: list[int]
+    num_bytes: int
+    created_at: float
+    state: Literal["ready", "unusable"]
+    parent: str
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterSummary]
+
+
+class AdapterDetail(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    parent: str
+    current_version: int
+    versions: list[AdapterVersionBody] = Field(description="oldest first")
+    tier: Literal["device", "host", "disk"] = Field(description="where its newest loaded version sits now")
+    requests_served: int = Field(description="finished requests since this server started, all versions")
+    requests_served_by_version: dict[int, int]
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    deleted: Literal[True] = True
+    versions: list[int]

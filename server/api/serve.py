@@ -1,0 +1,196 @@
+"""`lora-server serve`: the HTTP server (uvicorn) around the engine.
+
+    lora-server serve                                  # the embedded demo on 127.0.0.1:8000, open (no keys)
+    lora-server serve --model DIR --api-keys keys.json --quantize nf4 --store /var/lib/lora-server
+
+SIGTERM or SIGINT drains: new requests get 503 (and /ready turns red) while those in flight finish, for up to
+--drain-timeout seconds; then the rest are aborted and the process exits 0. A second signal exits at once.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from prometheus_client import disable_created_metrics
+
+from adapters_store import StoreLimits
+from kernels.lora_ops import LORA_BACKENDS
+from server.api.app import create_app
+from server.api.auth import DEFAULT_TENANT, ApiKeys, ApiKeysError
+from server.api.config import ApiConfig
+from server.api.loading import ServeTarget, open_served
+from server.api.state import ServerState
+from server.engine.setup import EngineOptions
+
+logger = logging.getLogger(__name__)
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+              "g": 10**9, "gb": 10**9, "gib": 2**30}
+GRACEFUL_CLOSE_S = 5  # after the drain, how long uvicorn waits for connections to close
+
+
+def default_store_dir() -> Path:
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "lora-server" / "store"
+
+
+def byte_size(text: str) -> int:
+    """`1048576`, `512MiB`, `2GB`, `64k`: a positive number of bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in SIZE_UNITS or int(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 1048576, 64KiB, 512MiB or 2GB, got {text!r}")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+
+
+def add_serve_parser(subcommands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subcommands.add_parser("serve", help="serve the HTTP API (OpenAI-compatible routes, adapter uploads)",
+                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(parser)
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ApiConfig()
+    model = parser.add_argument_group("model and engine")
+    model.add_argument("--model", type=Path, default=None,
+                       help="Hugging Face checkpoint directory (default: the embedded demo model)")
+    model.add_argument("--served-model-name", default=None,
+                       help="the base model's name in the API (default: the directory's name; 'demo' for the demo)")
+    model.add_argument("--quantize", choices=["none", "nf4"], default="none")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    model.add_argument("--lora-backend", choices=list(LORA_BACKENDS), default="auto")
+    model.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")
+    model.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one forward pass")
+    model.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
+    model.add_argument("--kv-cache-bytes", type=byte_size, default=None)
+    model.add_argument("--max-adapters-on-device", type=int, default=32, help="adapter slots: distinct adapters "
+                                                                              "one batch can mix")
+    model.add_argument("--max-lora-rank", type=int, default=64, help="the device pool is sized for this rank")
+    model.add_argument("--adapter-host-bytes", type=byte_size, default=2 << 30, help="host cache of parsed adapters")
+
+    http = parser.add_argument_group("HTTP")
+    http.add_argument("--host", default="127.0.0.1")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--store", type=Path, default=None,
+                      help=f"adapter store directory (default: {default_store_dir()})")
+    http.add_argument("--api-keys", type=Path, default=None,
+                      help='JSON {"keys": [{"key", "tenant", "role": "admin"|"user"}]}; without it the server is open')
+    http.add_argument("--max-pending", type=int, default=1024,
+                      help="requests queued or running at once; more get 429 with Retry-After")
+    http.add_argument("--max-body-bytes", type=byte_size, default=defaults.max_body_bytes)
+    http.add_argument("--max-upload-bytes", type=byte_size, default=defaults.max_upload_bytes,
+                      help="per adapter file")
+    http.add_argument("--max-new-tokens-limit", type=int, default=defaults.max_new_tokens_limit)
+    http.add_argument("--default-max-new-tokens", type=int, default=defaults.default_max_new_tokens,
+                      help="for /v1/generate requests that give none")
+    http.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout_s,
+                      help="seconds in-flight requests get to finish after SIGTERM")
+    http.add_argument("--health-stall-seconds", type=float, default=defaults.health_stall_s,
+                      help="/health turns red when the engine loop has made no progress for this long")
+    http.add_argument("--metrics-top-adapters", type=int, default=defaults.metrics_top_adapters,
+                      help="adapters with their own metric series (the rest are summed as 'other')")
+    http.add_argument("--no-access-log", action="store_true")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until drained; the process's exit status (0 after a SIGTERM drain)."""
+    try:
+        config = ApiConfig(max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
+                           max_new_tokens_limit=args.max_new_tokens_limit,
+                           default_max_new_tokens=args.default_max_new_tokens, drain_timeout_s=args.drain_timeout,
+                           health_stall_s=args.health_stall_seconds, metrics_top_adapters=args.metrics_top_adapters)
+        keys = None if args.api_keys is None else ApiKeys.load(args.api_keys)
+        options = EngineOptions(device=args.device, dtype=args.dtype, quantize=args.quantize,
+                                lora_backend=args.lora_backend, max_num_seqs=args.max_num_seqs,
+                                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                                kv_cache_bytes=args.kv_cache_bytes, max_adapters_on_device=args.max_adapters_on_device,
+                                max_lora_rank=args.max_lora_rank, adapter_host_bytes=args.adapter_host_bytes)
+        store_limits = StoreLimits(max_file_bytes=args.max_upload_bytes)
+        if args.model is not None and not (args.model / "config.json").is_file():
+            raise ValueError(f"--model {args.model}: not a checkpoint directory (it has no config.json)")
+    except (ValueError, ApiKeysError) as error:
+        logger.error("%s", error)
+        return 2
+    if keys is None:
+        logger.warning("no --api-keys: the server is OPEN, single-tenant (%r), and every caller is its admin",
+                       DEFAULT_TENANT)
+    else:
+        logger.info("API keys for tenants %s", keys.tenants)
+    target = ServeTarget(model_dir=args.model, model_name=args.served_model_name,
+                         store_dir=args.store or default_store_dir(), engine_options=options,
+                         store_limits=store_limits, max_pending=args.max_pending,
+                         tenants=tuple(keys.tenants) if keys else (DEFAULT_TENANT,))
+
+    disable_created_metrics()  # no `_created` twin for every counter: half the lines, nothing Prometheus needs
+    failure: list[BaseException] = []
+    server: DrainingServer | None = None
+
+    def on_load_failure(error: BaseException) -> None:
+        failure.append(error)
+        assert server is not None
+        server.should_exit = True
+
+    app = create_app(config, keys, lambda: open_served(target), on_load_failure)
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+                                    access_log=not args.no_access_log, timeout_graceful_shutdown=GRACEFUL_CLOSE_S)
+    server = DrainingServer(uvicorn_config, app.state.server)
+    server.run()
+    return 1 if failure else 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but a first SIGTERM/SIGINT drains (503s, in-flight requests finish) instead of closing the listening
+    socket at once; and the signal is not re-raised afterwards, so the process exits 0."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_requested = False
+        self._drain_task: asyncio.Task | None = None  # held so the task is not garbage-collected mid-drain
+
+    async def startup(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is None or self._drain_requested or self.state.served is None:
+            # Not started, still loading, or a second signal: stop now.
+            logger.info("%s: stopping now", signal.Signals(sig).name)
+            self.force_exit = self._drain_requested
+            self.should_exit = True
+            return
+        self._drain_requested = True
+        logger.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.state.config.drain_timeout_s)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.state.drain(self.state.config.drain_timeout_s)
+        finally:
+            self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m server.api.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    sys.exit(run_serve(args))
+
+
+if __name__ == "__main__":
+    main()

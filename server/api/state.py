@@ -1,0 +1,135 @@
+"""The server's one state object: what it serves once loaded, and its lifecycle (loading -> ready -> draining).
+
+The model loads on a worker thread after the HTTP port is open, so /health and /ready answer during a long load;
+requests that need the model get a 503 until then."""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from adapters_store import AdapterError, AdapterStore, StoreLocked
+from server.api.auth import ApiKeys
+from server.api.chat_template import ChatTemplate
+from server.api.config import ApiConfig
+from server.api.errors import unavailable
+from server.api.metrics import ApiMetrics
+from server.engine.async_engine import AsyncEngine
+from server.engine.stats import EngineStats
+from server.model.config import ModelConfigError
+
+logger = logging.getLogger(__name__)
+
+DRAIN_POLL_S = 0.05
+ABORTED_FLUSH_S = 2.0  # after aborting what outlived the drain timeout, how long its responses get to end
+
+
+@dataclass
+class Served:
+    """A loaded model behind its engine, and the adapter store (None: the base model only)."""
+
+    engine: AsyncEngine
+    store: AdapterStore | None
+    chat_template: ChatTemplate | None
+    loaded_at: float = field(default_factory=time.time)  # Unix seconds: the base model's `created` in /v1/models
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.engine.engine.close()
+        if self.store is not None:
+            self.store.close()
+
+
+Loader = Callable[[], Served]  # runs on a worker thread; returns a started engine
+
+
+class ServerState:
+    def __init__(self, config: ApiConfig, keys: ApiKeys | None, loader: Loader,
+                 on_load_failure: Callable[[BaseException], None] | None = None) -> None:
+        self.config = config
+        self.keys = keys
+        self.served: Served | None = None
+        self.load_error: BaseException | None = None
+        self.draining = False
+        self.num_in_flight = 0  # HTTP requests being handled (the middleware counts them)
+        self.upload_lock = asyncio.Lock()  # uploads of one server run one at a time (see routes_adapters)
+        self.metrics = ApiMetrics(config.metrics_top_adapters, self.engine_stats, self._num_stored_versions)
+        self._loader = loader
+        self._on_load_failure = on_load_failure
+        self._load_task: asyncio.Task | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start_loading(self) -> None:
+        self._load_task = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            self.served = await asyncio.to_thread(self._loader)
+        except BaseException as error:  # reported, then the server exits
+            self.load_error = error
+            expected = isinstance(error, ModelConfigError | StoreLocked | AdapterError | OSError | ValueError)
+            logger.error("loading the model failed: %s", error, exc_info=not expected)
+            if self._on_load_failure is not None:
+                self._on_load_failure(error)
+            return
+        logger.info("ready: serving %s (loaded in %.1f s)", self.served.model_name, time.monotonic() - started)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop taking requests (503), let those in flight finish for up to `timeout_s`, then abort the rest.
+        True when everything finished in time."""
+        self.draining = True
+        if self.served is not None:
+            self.served.engine.stop_accepting()
+        logger.info("draining: %d requests in flight, waiting up to %.0f s", self.num_in_flight, timeout_s)
+        finished = await self._wait_in_flight(timeout_s)
+        if not finished and self.served is not None:
+            logger.warning("drain timeout: aborting %d requests still in flight", self.num_in_flight)
+            self.served.engine.shutdown()  # every stream gets its last delta ("abort"), so responses can end
+            await self._wait_in_flight(ABORTED_FLUSH_S)
+        logger.info("drained%s", "" if finished else " (some requests were aborted)")
+        return finished
+
+    async def _wait_in_flight(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self.num_in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        return self.num_in_flight == 0
+
+    def close(self) -> None:
+        if self.served is not None:
+            self.served.close()
+            self.served = None
+
+    # ---------------------------------------------------------------- for routes
+
+    @property
+    def is_ready(self) -> bool:
+        return self.served is not None and not self.draining
+
+    def require_served(self) -> Served:
+        if self.served is None:
+            raise unavailable("the model failed to load" if self.load_error else "the model is still loading")
+        return self.served
+
+    def engine_stats(self) -> EngineStats | None:
+        return None if self.served is None else self.served.engine.stats()
+
+    def _num_stored_versions(self) -> int | None:
+        if self.served is None or self.served.store is None:
+            return None
+        return self.served.store.num_versions()
