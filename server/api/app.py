@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from starlette.middleware import Middleware
 
-from server.api import routes_adapters, routes_generate, routes_openai, routes_ops
+from server.api import routes_adapters, routes_combine, routes_generate, routes_merge, routes_openai, routes_ops
 from server.api.auth import ApiKeys
 from server.api.config import ApiConfig
 from server.api.errors import install_error_handlers
@@ -31,7 +31,9 @@ def create_app(config: ApiConfig, keys: ApiKeys | None, loader: Loader,
         finally:
             state.close()
 
-    routers = [module.router for module in (routes_ops, routes_generate, routes_openai, routes_adapters)]
+    # The fixed paths (/v1/adapters/combine) before /v1/adapters/{adapter_id}, so the `route` label names them.
+    routers = [module.router for module in (routes_ops, routes_generate, routes_openai, routes_combine, routes_merge,
+                                            routes_adapters)]
     route_patterns = [(route.path_regex, route.path) for router in routers for route in router.routes]
     app = FastAPI(title="lora-server", summary="Multi-LoRA inference: one base model, many adapters per batch",
                   lifespan=lifespan, middleware=[Middleware(AccountingMiddleware, state=state, routes=route_patterns),

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError, AdapterNotFound, AdapterUnusable
+from server.engine.merge_control import MergeRefused
 from server.engine.request import EngineStoppedError, QueueFullError, RequestError
 from server.engine.sampler import SamplingError
 
@@ -64,6 +65,9 @@ def api_error_from(exc: BaseException, retry_after_s: int = 1) -> ApiError | Non
         # 409, not 500: the version exists but failed its checksum and is quarantined; retrying cannot help, and the
         # caller's fix is to upload it again (PUT). The store has already logged the damage for the operator.
         return ApiError(409, CONFLICT, str(exc), code="adapter_unusable")
+    if isinstance(exc, MergeRefused):
+        # 409: the request is well formed but conflicts with the server's state (its merge policy, what is merged).
+        return ApiError(409, CONFLICT, str(exc), code="merge_refused")
     if isinstance(exc, AdapterError):
         return ApiError(400, INVALID_REQUEST, str(exc), param=exc.field, code="invalid_adapter")
     if isinstance(exc, RequestError | SamplingError):
@@ -107,8 +111,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         # Starlette re-raises after this response is sent, and uvicorn logs the traceback: no logging here.
         return error_response(request.url.path, ApiError(500, SERVER, f"internal error: {type(exc).__name__}"))
 
-    for exc_type in (ApiError, AdapterNotFound, AdapterUnusable, AdapterError, RequestError, SamplingError,
-                     QueueFullError, EngineStoppedError):
+    for exc_type in (ApiError, AdapterNotFound, AdapterUnusable, AdapterError, MergeRefused, RequestError,
+                     SamplingError, QueueFullError, EngineStoppedError):
         app.add_exception_handler(exc_type, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_exception)

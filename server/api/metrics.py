@@ -2,8 +2,8 @@
 
 Two kinds of source. What the API sees (HTTP statuses, latencies, tokens per request, uploads) is counted as it
 happens, in this registry's Counters and Histograms. What the engine knows (running and waiting requests, KV cache,
-preemptions, adapter residency) is read from one `EngineStats` snapshot at scrape time by a custom collector, so the
-step loop never touches a metric.
+preemptions, adapter residency, merged mode) is read from one `EngineStats` snapshot at scrape time by a custom
+collector, so the step loop never touches a metric.
 
 Each app gets its own CollectorRegistry (no process-global state): two servers in one test process do not collide.
 """
@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, gener
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from server.api.adapter_traffic import AdapterTraffic
+from server.engine.merge_control import MergeStats
 from server.engine.stats import EngineStats
 
 PREFIX = "lora_server_"
@@ -128,7 +129,28 @@ class _EngineCollector:
         if stored is not None:
             tiers.add_metric(["disk"], stored)
         metrics.append(tiers)
+        if stats.merge is not None:
+            metrics += _merge_metrics(stats.merge)
         return metrics
+
+
+def _merge_metrics(merge: MergeStats) -> list[Metric]:
+    """Merged mode: whether an adapter is merged and which (at most one, so one series), and what switching costs."""
+    merged = GaugeMetricFamily(PREFIX + "merged_adapter_info", "1 for the adapter merged into the base weights "
+                                                              "(tenant/adapter_id); no series while none is",
+                               labels=["adapter"])
+    if merge.merged is not None:
+        merged.add_metric([f"{merge.merged.tenant}/{merge.merged.adapter_id}"], 1)
+    return [
+        _gauge("merged_mode", "1 while an adapter is merged into the base weights, else 0",
+               int(merge.merged is not None)),
+        merged,
+        _counter("merge_switches", "Merges and unmerges carried out", merge.num_switches),
+        _counter("merge_switch_seconds", "Time the engine loop spent merging and unmerging",
+                 merge.switch_seconds_total),
+        _labelled_counter("merge_mode_seconds", "Time spent merged and unmerged", "mode",
+                          {"merged": merge.seconds_merged, "unmerged": merge.seconds_unmerged}),
+    ]
 
 
 class _AdapterCollector:

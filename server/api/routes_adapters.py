@@ -16,11 +16,13 @@ from fastapi import APIRouter, File, Form, UploadFile
 from adapters_store import AdapterError, AdapterStore, AdapterVersion
 from adapters_store.peft_adapter import WEIGHTS_FILE
 from adapters_store.peft_config import CONFIG_FILE
+from adapters_store.upload import check_id
 from server.api.auth import Principal, require_admin
 from server.api.deps import CallerDep, StateDep
 from server.api.errors import CONFLICT, TOO_LARGE, ApiError, api_error_from, invalid_request, not_found
 from server.api.schemas import AdapterCreated, AdapterDeleted, AdapterDetail, AdapterList, AdapterSummary
 from server.api.state import Served, ServerState
+from server.engine.merge_control import MergeRefused
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -51,7 +53,7 @@ async def put_adapter(adapter_id: str, adapter_config: ConfigFile, adapter_model
 async def list_adapters(state: StateDep,
                         principal: CallerDep) -> dict:
     served = state.require_served()
-    records = _store(served).list_adapters(principal.tenant)
+    records = require_store(served).list_adapters(principal.tenant)
     return {"object": "list", "data": [_summary(record, served.model_name) for record in records]}
 
 
@@ -60,13 +62,14 @@ async def list_adapters(state: StateDep,
 async def get_adapter(adapter_id: str, state: StateDep,
                       principal: CallerDep) -> dict:
     served = state.require_served()
-    versions = _store(served).versions(principal.tenant, adapter_id)
+    versions = require_store(served).versions(principal.tenant, adapter_id)
     if not versions:
-        raise _no_adapter(adapter_id)
+        raise no_adapter(adapter_id)
     served_by_version = state.metrics.adapter_traffic.served(principal.tenant, adapter_id)
     return {"id": adapter_id, "parent": served.model_name, "current_version": versions[-1].version,
             "versions": [_version_body(record) for record in versions],
             "tier": served.engine.adapter_tier(principal.tenant, adapter_id),
+            "merged": is_merged(state, principal.tenant, adapter_id),
             "requests_served": sum(served_by_version.values()),
             "requests_served_by_version": {int(v): n for v, n in served_by_version.items() if isinstance(v, int)}}
 
@@ -77,9 +80,11 @@ async def delete_adapter(adapter_id: str, state: StateDep,
                          principal: CallerDep) -> dict:
     require_admin(principal)
     served = state.require_served()
-    store = _store(served)
+    store = require_store(served)
     deleted = await asyncio.to_thread(store.delete, principal.tenant, adapter_id)  # AdapterNotFound: a 404
     served.engine.retire_adapter(principal.tenant, adapter_id)
+    if is_merged(state, principal.tenant, adapter_id):
+        await _unmerge_deleted(served, principal.tenant, adapter_id)
     logger.info("tenant %s deleted adapter %s (versions %s)", principal.tenant, adapter_id,
                 [record.version for record in deleted])
     return {"id": adapter_id, "versions": sorted(record.version for record in deleted)}
@@ -92,18 +97,12 @@ async def _upload(state: ServerState, principal: Principal, adapter_id: str, con
                   weights_file: UploadFile, must_be_new: bool) -> dict:
     require_admin(principal)
     served = state.require_served()
-    store = _store(served)
+    store = require_store(served)
     try:
-        if adapter_id == served.model_name:
-            raise invalid_request(f"adapter_id {adapter_id!r} is the base model's name, which means no adapter",
-                                  param="adapter_id")
+        check_adapter_id(served, principal, adapter_id, must_be_new)
         files = {CONFIG_FILE: await _read_within(config_file, store.limits.max_config_bytes, "adapter_config"),
                  WEIGHTS_FILE: await _read_within(weights_file, store.limits.max_file_bytes, "adapter_model")}
-        async with state.upload_lock:
-            if must_be_new and store.versions(principal.tenant, adapter_id):
-                raise ApiError(409, CONFLICT, f"adapter {adapter_id!r} already exists: PUT /v1/adapters/{adapter_id} "
-                                              "stores a new version", code="adapter_exists")
-            record = await asyncio.to_thread(store.put, principal.tenant, adapter_id, files)
+        record = await store_version(state, served, principal, adapter_id, files, must_be_new)
     except (ApiError, AdapterError) as error:
         status = api_error_from(error).status
         state.metrics.uploads.labels(UPLOAD_RESULT_OF_STATUS.get(status, "error")).inc()
@@ -112,8 +111,48 @@ async def _upload(state: ServerState, principal: Principal, adapter_id: str, con
         state.metrics.uploads.labels("error").inc()
         raise
     state.metrics.uploads.labels("success").inc()
-    return {"id": adapter_id, "version": record.version, "sha256": record.sha256, "ranks": list(record.ranks),
-            "num_bytes": record.num_bytes, "created_at": record.created_at, "parent": served.model_name}
+    return created_body(record, served.model_name)
+
+
+def check_adapter_id(served: Served, principal: Principal, adapter_id: str, must_be_new: bool) -> None:
+    """Refuse, before any work, a new adapter's id that is malformed or names the base model (400) or, for POST,
+    exists (409)."""
+    check_id(adapter_id, "adapter_id")
+    if adapter_id == served.model_name:
+        raise invalid_request(f"adapter_id {adapter_id!r} is the base model's name, which means no adapter",
+                              param="adapter_id")
+    if must_be_new and require_store(served).versions(principal.tenant, adapter_id):
+        raise _exists(adapter_id)
+
+
+async def store_version(state: ServerState, served: Served, principal: Principal, adapter_id: str,
+                        files: dict[str, bytes], must_be_new: bool) -> AdapterVersion:
+    """Validate and store the files as the adapter's next version (its first, if `must_be_new`: else a 409)."""
+    store = require_store(served)
+    async with state.upload_lock:  # makes "must not exist yet" and the write one step
+        if must_be_new and store.versions(principal.tenant, adapter_id):
+            raise _exists(adapter_id)
+        return await asyncio.to_thread(store.put, principal.tenant, adapter_id, files)
+
+
+def created_body(record: AdapterVersion, parent: str) -> dict:
+    return {"id": record.adapter_id, "version": record.version, "sha256": record.sha256, "ranks": list(record.ranks),
+            "num_bytes": record.num_bytes, "created_at": record.created_at, "parent": parent}
+
+
+def is_merged(state: ServerState, tenant: str, adapter_id: str) -> bool:
+    """Whether (any version of) the adapter is merged into the base, as of the engine's last step."""
+    merged = state.merged_adapter()
+    return merged is not None and merged.lineage == (tenant, adapter_id)
+
+
+async def _unmerge_deleted(served: Served, tenant: str, adapter_id: str) -> None:
+    # A deleted adapter can no longer be asked for, so it should not stay merged. Only the manual policy takes
+    # requests to unmerge; the auto policy unmerges it by itself once its traffic is gone.
+    try:
+        await asyncio.wrap_future(served.engine.request_unmerge(tenant, adapter_id))
+    except MergeRefused as error:
+        logger.info("deleted adapter %s/%s stays merged for now: %s", tenant, adapter_id, error)
 
 
 async def _read_within(upload: UploadFile, limit: int, field: str) -> bytes:
@@ -126,14 +165,19 @@ async def _read_within(upload: UploadFile, limit: int, field: str) -> bytes:
     return data
 
 
-def _store(served: Served) -> AdapterStore:
+def require_store(served: Served) -> AdapterStore:
     if served.store is None:
         raise invalid_request("this server was started without an adapter store: it serves the base model only")
     return served.store
 
 
-def _no_adapter(adapter_id: str) -> ApiError:
+def no_adapter(adapter_id: str) -> ApiError:
     return not_found(f"no adapter {adapter_id!r}")
+
+
+def _exists(adapter_id: str) -> ApiError:
+    return ApiError(409, CONFLICT, f"adapter {adapter_id!r} already exists: PUT /v1/adapters/{adapter_id} stores a new "
+                                   "version", code="adapter_exists")
 
 
 def _version_body(record: AdapterVersion) -> dict:

@@ -99,6 +99,7 @@ class AdapterDetail(BaseModel):
     current_version: int
     versions: list[AdapterVersionBody] = Field(description="oldest first")
     tier: Literal["device", "host", "disk"] = Field(description="where its newest loaded version sits now")
+    merged: bool = Field(description="merged into the base weights now (see POST /v1/adapters/{id}/merge)")
     requests_served: int = Field(description="finished requests since this server started, all versions")
     requests_served_by_version: dict[int, int]
 
@@ -107,3 +108,39 @@ class AdapterDeleted(BaseModel):
     id: str
     deleted: Literal[True] = True
     versions: list[int]
+
+
+# ---------------------------------------------------------------- merging and combining
+
+
+class AdapterMerged(BaseModel):
+    adapter_id: str
+    version: int = Field(description="the version merged: the newest when the merge was asked for")
+    merged: Literal[True] = True
+
+
+class AdapterUnmerged(BaseModel):
+    adapter_id: str
+    merged: Literal[False] = False
+
+
+class CombineSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="an adapter of the caller's tenant; its newest version is read")
+    weight: float = Field(default=1.0, description="its delta is scaled by this (any finite number)")
+
+
+class CombineRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str = Field(description="the new adapter's id (it must not exist yet)")
+    sources: list[CombineSource] = Field(max_length=64)
+    method: str = Field(default="linear", description="linear: exact, the ranks concatenated; svd: the summed "
+                                                      "delta truncated to `rank`")
+    rank: StrictInt | None = Field(default=None, description="svd only: the result's rank")
+
+
+class AdapterCombined(AdapterCreated):
+    relative_error: float = Field(description="‖combined − Σ weight·delta‖ / ‖Σ weight·delta‖ (Frobenius, all "
+                                              "modules): 0 for linear")

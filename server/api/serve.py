@@ -27,6 +27,7 @@ from server.api.auth import DEFAULT_TENANT, ApiKeys, ApiKeysError
 from server.api.config import ApiConfig
 from server.api.loading import ServeTarget, open_served
 from server.api.state import ServerState
+from server.engine.merge_control import MERGE_MODES
 from server.engine.setup import EngineOptions
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                                                               "one batch can mix")
     model.add_argument("--max-lora-rank", type=int, default=64, help="the device pool is sized for this rank")
     model.add_argument("--adapter-host-bytes", type=byte_size, default=2 << 30, help="host cache of parsed adapters")
+    add_merge_arguments(parser)
 
     http = parser.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1")
@@ -100,6 +102,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--no-access-log", action="store_true")
 
 
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    engine = EngineOptions()
+    merge = parser.add_argument_group("merged mode", "one adapter merged into the base weights: its requests run at "
+                                                     "the base model's speed, every other request stays exact")
+    merge.add_argument("--merge-policy", choices=list(MERGE_MODES), default=engine.merge_policy,
+                       help="off: never merge; manual: POST/DELETE /v1/adapters/{id}/merge; auto: merge an adapter "
+                            "that dominates the batched tokens")
+    merge.add_argument("--merge-window-steps", type=int, default=engine.merge_window_steps,
+                       help="auto: the engine steps whose tokens decide")
+    merge.add_argument("--merge-share", type=float, default=engine.merge_share,
+                       help="auto: merge an adapter with at least this share of the window's tokens")
+    merge.add_argument("--unmerge-share", type=float, default=engine.unmerge_share,
+                       help="auto: unmerge when the merged adapter's share falls below this")
+    merge.add_argument("--merge-min-steps-between-switches", type=int,
+                       default=engine.merge_min_steps_between_switches, help="auto: steps between two switches")
+    merge.add_argument("--merge-budget-bytes", type=byte_size, default=engine.merge_budget_bytes,
+                       help="an NF4 base: device bytes for the dense copies of merged layers (default: no cap)")
+
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """The engine's options from the flags; ValueError for a bad combination (before anything loads)."""
+    options = EngineOptions(device=args.device, dtype=args.dtype, quantize=args.quantize,
+                            lora_backend=args.lora_backend, max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                            kv_cache_bytes=args.kv_cache_bytes, max_adapters_on_device=args.max_adapters_on_device,
+                            max_lora_rank=args.max_lora_rank, adapter_host_bytes=args.adapter_host_bytes,
+                            merge_policy=args.merge_policy, merge_window_steps=args.merge_window_steps,
+                            merge_share=args.merge_share, unmerge_share=args.unmerge_share,
+                            merge_min_steps_between_switches=args.merge_min_steps_between_switches,
+                            merge_budget_bytes=args.merge_budget_bytes)
+    _ = options.merge_policy_config  # checks the auto policy's numbers now, rather than after the model has loaded
+    return options
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until drained; the process's exit status (0 after a SIGTERM drain)."""
     try:
@@ -108,11 +144,7 @@ def run_serve(args: argparse.Namespace) -> int:
                            default_max_new_tokens=args.default_max_new_tokens, drain_timeout_s=args.drain_timeout,
                            health_stall_s=args.health_stall_seconds, metrics_top_adapters=args.metrics_top_adapters)
         keys = None if args.api_keys is None else ApiKeys.load(args.api_keys)
-        options = EngineOptions(device=args.device, dtype=args.dtype, quantize=args.quantize,
-                                lora_backend=args.lora_backend, max_num_seqs=args.max_num_seqs,
-                                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                                kv_cache_bytes=args.kv_cache_bytes, max_adapters_on_device=args.max_adapters_on_device,
-                                max_lora_rank=args.max_lora_rank, adapter_host_bytes=args.adapter_host_bytes)
+        options = engine_options(args)
         store_limits = StoreLimits(max_file_bytes=args.max_upload_bytes)
         if args.model is not None and not (args.model / "config.json").is_file():
             raise ValueError(f"--model {args.model}: not a checkpoint directory (it has no config.json)")

@@ -15,6 +15,7 @@ from server.api.chat_template import ChatTemplate
 from server.api.config import ApiConfig
 from server.api.errors import unavailable
 from server.api.metrics import ApiMetrics
+from server.engine.adapter_key import AdapterKey
 from server.engine.async_engine import AsyncEngine
 from server.engine.stats import EngineStats
 from server.model.config import ModelConfigError
@@ -128,6 +129,11 @@ class ServerState:
 
     def engine_stats(self) -> EngineStats | None:
         return None if self.served is None else self.served.engine.stats()
+
+    def merged_adapter(self) -> AdapterKey | None:
+        """The adapter version merged into the base, as of the engine's last step; None when none is."""
+        stats = self.engine_stats()
+        return None if stats is None or stats.merge is None else stats.merge.merged
 
     def _num_stored_versions(self) -> int | None:
         if self.served is None or self.served.store is None:

@@ -182,14 +182,14 @@ class AsyncEngine:
         engine = self.engine
         while True:
             with self._lock:
-                while not self._inbox and not engine.has_unfinished() and not self._stopping:
+                while not self._inbox and not self._has_work() and not self._stopping:
                     self._lock.wait(HEARTBEAT_S)
                     self._heartbeat = time.monotonic()
                 if self._stopping:
                     return
                 inbox, self._inbox = self._inbox, []
             deltas = [delta for op, arg in inbox if (delta := self._apply(op, arg)) is not None]
-            if engine.has_unfinished():
+            if self._has_work():
                 steps_before = engine.num_steps
                 try:
                     deltas += engine.step()
@@ -201,6 +201,11 @@ class AsyncEngine:
             self._stats = engine.stats()
             self._heartbeat = time.monotonic()
             self._dispatch(deltas)
+
+    def _has_work(self) -> bool:
+        # A pending merge needs steps too: it is carried out at a step boundary, and an idle engine has none.
+        merge = self.engine.merge
+        return self.engine.has_unfinished() or (merge is not None and merge.has_pending_merge)
 
     def _apply(self, op: str, arg: object) -> RequestDelta | None:
         if op == "abort":

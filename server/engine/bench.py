@@ -9,6 +9,7 @@ Workloads (every request: a random prompt, a fixed number of new tokens, no EOS 
     one adapter     every request the same adapter
     power-law 100   100 adapters, request i picks adapter k with probability ∝ 1/(k+1)^alpha (S-LoRA's skew)
     distinct        every request its own adapter
+    one, merged     the one-adapter workload again with that adapter merged into the base (merged mode)
 Each workload runs once to warm up (adapter loads into the host cache, allocator, kernels), then is timed. The
 checkpoint and adapters are random and written to a temporary directory in HF and PEFT formats, so the run uses
 exactly the serving path: store -> residency -> scheduler -> model runner.
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from adapters_store import AdapterStore, full_module_name
+from server.engine.adapter_key import AdapterKey
 from server.engine.generate_all import generate_all
 from server.engine.request import EngineRequest
 from server.engine.sampler import SamplingParams
@@ -92,6 +94,14 @@ def workloads(num_requests: int, num_adapters: int, alpha: float, rng: random.Ra
     }
 
 
+def merge_now(engine, adapter_id: str) -> None:
+    key = AdapterKey("default", adapter_id, engine.adapters.latest_version("default", adapter_id))
+    done = engine.merge.request_merge(key)
+    while not done.done():
+        engine.step()
+    done.result()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -124,7 +134,7 @@ def main() -> None:
         options = EngineOptions(device=args.device, lora_backend=args.lora_backend, max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=max(2048, args.max_num_seqs),
                                 max_adapters_on_device=args.max_num_seqs, max_lora_rank=args.rank,
-                                adapter_host_bytes=8 << 30)
+                                adapter_host_bytes=8 << 30, merge_policy="manual")
         engine = open_engine(model_dir, store, options)
         prompts = [[rng.randrange(args.vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)]
         sampling = SamplingParams(max_new_tokens=args.new_tokens)
@@ -134,7 +144,11 @@ def main() -> None:
               f"{args.max_num_seqs} sequences at once, LoRA backend {engine.model.lora_linears()[0].lora_backend}")
         print(f"{'workload':<16} {'adapters':>9} {'tokens/s':>10} {'vs base':>8} {'steps':>6} {'loads':>6}")
         base_rate = None
-        for name, adapters in workloads(args.requests, args.adapters, args.alpha, rng).items():
+        runs = list(workloads(args.requests, args.adapters, args.alpha, rng).items())
+        runs.append(("one, merged", ["a0"] * args.requests))  # merged mode: a0 folded into the base weights
+        for name, adapters in runs:
+            if name == "one, merged":
+                merge_now(engine, "a0")
             requests = [EngineRequest(p, sampling, adapter_id=a, request_id=str(i))
                         for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
             generate_all(engine, requests)  # warm-up

@@ -113,6 +113,11 @@ class MergeControl:
         if self._merged is not None:
             self._unmerge()
 
+    @property
+    def has_pending_merge(self) -> bool:
+        """A merge waits for its adapter's load: the engine must keep stepping (even with no requests) to finish it."""
+        return self._pending is not None
+
     # ---------------------------------------------------------------- observation
 
     def stats(self) -> MergeStats:

@@ -3,6 +3,7 @@
 - `server`: two tenants by API key (acme: an admin and a user key; globex: an admin key), small limits to test.
 - `small_server`: open (no keys), one sequence at a time and a queue of two, for the queue, disconnect and timing tests.
 - `drain_server`: open, one sequence at a time; test_drain sends it SIGTERM.
+- `merge_server`: the same keys as `server`, with `--merge-policy manual` (merges on request).
 """
 
 import json
@@ -46,6 +47,13 @@ def server(api_root) -> Iterator[ServerProcess]:
     keys_file.write_text(json.dumps(KEYS))
     yield from _serve(api_root / "main", "--api-keys", str(keys_file), "--max-body-bytes", str(MAX_BODY_BYTES),
                       "--max-upload-bytes", str(MAX_UPLOAD_BYTES), "--max-new-tokens-limit", str(MAX_NEW_TOKENS_LIMIT))
+
+
+@pytest.fixture(scope="session")
+def merge_server(api_root) -> Iterator[ServerProcess]:
+    keys_file = api_root / "merge-keys.json"
+    keys_file.write_text(json.dumps(KEYS))
+    yield from _serve(api_root / "merge", "--api-keys", str(keys_file), "--merge-policy", "manual")
 
 
 @pytest.fixture(scope="session")
