@@ -21,7 +21,7 @@ from starlette.types import Receive
 
 from server.api.auth import Principal
 from server.api.config import ApiConfig
-from server.api.errors import ApiError, invalid_request
+from server.api.errors import CONFLICT, INVALID_REQUEST, NOT_FOUND, SERVER, ApiError, invalid_request
 from server.api.metrics import ApiMetrics
 from server.api.state import Served
 from server.engine.async_engine import RequestStream
@@ -179,11 +179,22 @@ class TrackedStream:
                                       time.monotonic() - self._started)
 
 
+# The engine's error kinds as HTTP: the adapter went away or is damaged since the request was pinned to it (as if
+# asked for then), it cannot be loaded (it does not fit this device or model), or the server failed.
+ERROR_STATUS = {  # error_type -> (status, error type, code)
+    "adapter_not_found": (404, NOT_FOUND, "not_found"),
+    "adapter_unusable": (409, CONFLICT, "adapter_unusable"),
+    "adapter_load_failed": (422, INVALID_REQUEST, "adapter_load_failed"),
+    "server_error": (500, SERVER, None),
+}
+
+
 def error_of(delta: RequestDelta) -> ApiError | None:
     """A request that ended with "error" before producing anything is an HTTP error, not a 200 with no text."""
     if delta.finish_reason != "error":
         return None
-    return ApiError(500, "server_error", f"the request failed: {delta.error or 'unknown error'}")
+    status, kind, code = ERROR_STATUS[delta.error_type or "server_error"]
+    return ApiError(status, kind, f"the request failed: {delta.error or 'unknown error'}", code=code)
 
 
 async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:

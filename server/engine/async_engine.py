@@ -19,7 +19,7 @@ from adapters_store import AdapterNotFound
 from server.engine.adapter_key import AdapterKey
 from server.engine.engine import Engine
 from server.engine.merge_control import MergeRefused
-from server.engine.request import EngineRequest, EngineStoppedError, QueueFullError, RequestDelta
+from server.engine.request import EngineRequest, EngineStoppedError, QueueFullError, RequestDelta, error_type_of
 from server.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
@@ -227,7 +227,8 @@ class AsyncEngine:
         try:
             self.engine.add_request(request)
         except Exception as error:  # e.g. the adapter was deleted since submit pinned it
-            return RequestDelta(request.request_id, [], "", None, finish_reason="error", error=str(error))
+            return RequestDelta(request.request_id, [], "", None, finish_reason="error", error=str(error),
+                                error_type=error_type_of(error))
         return None
 
     def _dispatch(self, deltas: list[RequestDelta]) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from server.engine.adapter_gate import AdapterGate
 from server.engine.merge_control import MergeControl
 from server.engine.model_runner import MAX_LOGPROBS, ModelRunner, SampledToken
-from server.engine.request import EngineRequest, RequestDelta, RequestError, TokenLogprob
+from server.engine.request import EngineRequest, RequestDelta, RequestError, TokenLogprob, error_type_of
 from server.engine.scheduled_batch import ScheduledBatch
 from server.engine.scheduler import Scheduler
 from server.engine.scheduler_config import SchedulerConfig
@@ -166,6 +166,7 @@ class Engine:
             logprobs=logprobs,
             finish_reason=seq.finish_reason if final else None,
             error=seq.error if final else None,
+            error_type=error_type_of(seq.error_cause) if final and seq.finish_reason == "error" else None,
             adapter_version=seq.adapter_version,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_generated_tokens=len(seq.output_token_ids),

@@ -6,7 +6,10 @@ or the scheduler.
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Literal
 
+from adapters_store import AdapterNotFound, AdapterUnusable
+from server.engine.adapter_key import AdapterLoadError
 from server.engine.sampler import SamplingParams
 from server.engine.sequence import FinishReason
 
@@ -27,6 +30,23 @@ class QueueFullError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine is draining or stopped and takes no new requests."""
+
+
+# What failed, so callers can answer in kind (the API: 404, 409, 422, 500) without parsing messages.
+ErrorType = Literal["adapter_not_found", "adapter_unusable", "adapter_load_failed", "server_error"]
+
+
+def error_type_of(error: BaseException | None) -> ErrorType:
+    """Classify an exception that ended a request: an adapter deleted or damaged since the request was pinned to it,
+    an adapter that could not be loaded (it does not fit the device or the model), or anything else."""
+    cause = error.__cause__ if isinstance(error, AdapterLoadError) else error
+    if isinstance(cause, AdapterNotFound):
+        return "adapter_not_found"
+    if isinstance(cause, AdapterUnusable):
+        return "adapter_unusable"
+    if isinstance(error, AdapterLoadError):
+        return "adapter_load_failed"
+    return "server_error"
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,7 @@ class RequestDelta:
     logprobs: list[TokenLogprob] | None  # one per new token when asked for
     finish_reason: FinishReason | None = None
     error: str | None = None  # why, when finish_reason is "error"
+    error_type: ErrorType | None = None  # what kind of error, when finish_reason is "error" (see error_type_of)
     adapter_version: int | str | None = None  # the adapter version serving the request
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0  # so far, this delta included

@@ -195,7 +195,7 @@ class Scheduler:
         if not hold.done():
             return "loading"
         if hold.exception() is not None:
-            self._finish(seq, "error", str(hold.exception()))
+            self._finish(seq, "error", str(hold.exception()), hold.exception())
             return "failed"
         return "ready"
 
@@ -245,9 +245,10 @@ class Scheduler:
                 # Read the future once: the loader thread may complete it at any moment (a load that ends between
                 # "not ready" and "done" would otherwise read as a failure with no exception).
                 if hold.done() and (error := hold.exception()) is not None:
-                    self._finish(seq, "error", str(error))
+                    self._finish(seq, "error", str(error), error)
 
-    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None,
+                cause: BaseException | None = None) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         else:
@@ -259,7 +260,7 @@ class Scheduler:
             self.residency.release(seq.adapter_key)
         self._prefetched.discard(seq.seq_id)
         del self._seqs[seq.seq_id]
-        seq.status, seq.finish_reason, seq.error = SequenceStatus.FINISHED, reason, error
+        seq.status, seq.finish_reason, seq.error, seq.error_cause = SequenceStatus.FINISHED, reason, error, cause
         self.num_timeouts += reason == "timeout"
         self.num_aborted += reason == "abort"
         self.num_errors += reason == "error"

@@ -41,6 +41,7 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     error: str | None = None  # why, when finish_reason is "error"
+    error_cause: BaseException | None = None  # the exception behind `error`, when there is one
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

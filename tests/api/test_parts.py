@@ -148,3 +148,14 @@ def test_the_serve_parser_plugs_into_a_subcommand_parser():
     args = parser.parse_args(["serve", "--port", "9000", "--max-upload-bytes", "2MiB", "--quantize", "nf4"])
     assert (args.command, args.port, args.max_upload_bytes, args.quantize, args.model) == \
         ("serve", 9000, 2 << 20, "nf4", None)
+
+
+@pytest.mark.parametrize("error_type, status", [("adapter_not_found", 404), ("adapter_unusable", 409),
+                                                ("adapter_load_failed", 422), ("server_error", 500), (None, 500)])
+def test_an_error_delta_becomes_the_matching_http_error(error_type, status):
+    from server.api.generation import error_of
+    from server.engine.request import RequestDelta
+
+    delta = RequestDelta("r", [], "", None, finish_reason="error", error="why", error_type=error_type)
+    assert error_of(delta).status == status and "why" in error_of(delta).message
+    assert error_of(RequestDelta("r", [1], "a", None, finish_reason="stop")) is None

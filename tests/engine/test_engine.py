@@ -311,3 +311,17 @@ def test_a_failing_step_fails_its_requests_and_the_engine_carries_on(demo_engine
     ok = generate_all(demo_engine, [EngineRequest(prompt, SamplingParams(max_new_tokens=10), request_id="ok")])[0]
     assert ok.text == "fail" and ok.finish_reason == "stop"
     assert demo_engine.scheduler.block_manager.num_used_blocks == 0
+
+
+def test_an_adapter_deleted_after_pinning_ends_its_request_as_not_found(demo_engine):
+    store = demo_engine.store
+    put_adapter_dir(store, "short-lived", demo_adapter_dirs()["upper"])
+    prompt = demo_engine.tokenizer.encode(tasks.make_prompt("gone"))
+    request = EngineRequest(prompt, adapter_id="short-lived", request_id="gone")
+    demo_engine.add_request(request)  # pinned to version 1, not loaded yet
+    store.delete("default", "short-lived")
+    deltas = []
+    while demo_engine.has_unfinished():
+        deltas += demo_engine.step()
+    assert deltas[-1].finish_reason == "error" and deltas[-1].token_ids == []
+    assert deltas[-1].error_type == "adapter_not_found", deltas[-1].error
