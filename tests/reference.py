@@ -1,5 +1,7 @@
 """Trusted references for the tests: tiny random checkpoints and adapters made by transformers and PEFT at test time."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -8,6 +10,17 @@ from peft import LoraConfig, get_peft_model
 
 TINY_DIMS = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """For tests on tiny tensors: extra intra-op threads only add overhead, and spin badly on a busy 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def save_random_hf_model(out_dir: Path, architecture: str = "LlamaForCausalLM", seed: int = 0,

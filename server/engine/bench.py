@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from adapters_store import AdapterStore, full_module_name
-from server.engine.adapter_key import AdapterKey
-from server.engine.generate_all import generate_all
+from adapters_store.bench import make_upload
+from server.engine.generate_all import generate_all, merge_and_wait
 from server.engine.request import EngineRequest
 from server.engine.sampler import SamplingParams
 from server.engine.setup import EngineOptions, base_description, open_engine
@@ -67,23 +67,6 @@ def write_checkpoint(out: Path, hidden: int, layers: int, vocab: int, max_len: i
     tokenizer.save(str(out / "tokenizer.json"))
 
 
-def adapter_files(base, rank: int, seed: int) -> dict[str, bytes]:
-    """A random PEFT LoRA on every linear (A and B both non-zero, so the math is really done)."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(base.num_layers):
-        for module in MODULES:
-            fan_in, fan_out = base.module_shapes[module]
-            prefix = f"base_model.model.{full_module_name(layer, module)}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in ** 0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) / rank ** 0.5 * 0.01
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file(tensors, Path(tmp) / "w.safetensors")
-        weights = (Path(tmp) / "w.safetensors").read_bytes()
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(MODULES)}
-    return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": weights}
-
-
 def workloads(num_requests: int, num_adapters: int, alpha: float, rng: random.Random) -> dict[str, list]:
     weights = [1 / (k + 1) ** alpha for k in range(num_adapters)]
     return {
@@ -92,14 +75,6 @@ def workloads(num_requests: int, num_adapters: int, alpha: float, rng: random.Ra
         f"power-law {num_adapters}": [f"a{k}" for k in rng.choices(range(num_adapters), weights, k=num_requests)],
         "distinct": [f"a{i}" for i in range(num_requests)],
     }
-
-
-def merge_now(engine, adapter_id: str) -> None:
-    key = AdapterKey("default", adapter_id, engine.adapters.latest_version("default", adapter_id))
-    done = engine.merge.request_merge(key)
-    while not done.done():
-        engine.step()
-    done.result()
 
 
 def main() -> None:
@@ -130,7 +105,7 @@ def main() -> None:
         store = AdapterStore.open(Path(tmp) / "store", base)
         num_adapters = max(args.adapters, args.requests)
         for k in range(num_adapters):
-            store.put("default", f"a{k}", adapter_files(base, args.rank, seed=k))
+            store.put("default", f"a{k}", make_upload(base, args.rank, MODULES, seed=k))
         options = EngineOptions(device=args.device, lora_backend=args.lora_backend, max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=max(2048, args.max_num_seqs),
                                 max_adapters_on_device=args.max_num_seqs, max_lora_rank=args.rank,
@@ -148,7 +123,7 @@ def main() -> None:
         runs.append(("one, merged", ["a0"] * args.requests))  # merged mode: a0 folded into the base weights
         for name, adapters in runs:
             if name == "one, merged":
-                merge_now(engine, "a0")
+                merge_and_wait(engine, "a0")
             requests = [EngineRequest(p, sampling, adapter_id=a, request_id=str(i))
                         for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
             generate_all(engine, requests)  # warm-up

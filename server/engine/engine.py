@@ -12,7 +12,6 @@ finished for any reason (stop, length, timeout, abort, error) get their last del
 
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 from server.engine.adapter_gate import AdapterGate
@@ -55,6 +54,7 @@ class Engine:
         self.scheduler = Scheduler(config, adapters)
         self._requests: dict[str, _RequestState] = {}
         self._by_seq: dict[int, _RequestState] = {}
+        self._num_logprobs: dict[int, int] = {}  # seq_id -> alternatives asked for, for requests that want logprobs
         self._next_seq_id = 0
         self.num_steps = 0
         self.num_prompt_tokens_total = 0
@@ -77,6 +77,8 @@ class Engine:
         state = _RequestState(request, seq, IncrementalText(self.tokenizer.decode, request.stop), time.monotonic())
         self._requests[request.request_id] = state
         self._by_seq[seq.seq_id] = state
+        if request.logprobs is not None:
+            self._num_logprobs[seq.seq_id] = request.logprobs
         self.num_prompt_tokens_total += seq.num_prompt_tokens
 
     def check_request(self, request: EngineRequest) -> None:
@@ -113,10 +115,7 @@ class Engine:
         batch = self.scheduler.schedule(time.monotonic())
         sampled = self._run(batch) if batch is not None else {}
         if self.merge is not None:  # a switch happens here, between two steps
-            tokens_by_key: Counter = Counter()
-            for chunk in batch.chunks if batch is not None else ():
-                tokens_by_key[chunk.seq.adapter_key] += chunk.num_tokens
-            self.merge.after_step(tokens_by_key)
+            self.merge.after_step(batch)
         self.num_generated_tokens_total += len(sampled)
 
         for seq_id, token in sampled.items():
@@ -139,10 +138,8 @@ class Engine:
             if state.first_scheduled is None:
                 state.first_scheduled = now
         self.num_steps += 1
-        num_logprobs = {state.seq.seq_id: state.request.logprobs for state in self._by_seq.values()
-                        if state.request.logprobs is not None}
         try:
-            sampled = self.runner.run(batch, num_logprobs)
+            sampled = self.runner.run(batch, self._num_logprobs)
         except Exception as error:  # why: one bad step must fail its own requests, not the server
             logger.exception("a model step failed; finishing its %d requests with an error", batch.num_seqs)
             self.num_step_failures += 1
@@ -175,6 +172,7 @@ class Engine:
         if final:
             del self._requests[state.request.request_id]
             del self._by_seq[seq.seq_id]
+            self._num_logprobs.pop(seq.seq_id, None)
             self.runner.forget(seq.seq_id)
         return delta
 

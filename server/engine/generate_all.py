@@ -4,6 +4,7 @@ the tests and the benchmark use this; the API streams deltas instead."""
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from server.engine.adapter_key import AdapterKey
 from server.engine.engine import Engine
 from server.engine.request import EngineRequest, RequestDelta, TokenLogprob
 
@@ -25,6 +26,15 @@ class Completion:
             self.logprobs = (self.logprobs or []) + delta.logprobs
         self.finish_reason, self.error = delta.finish_reason, delta.error
         self.num_deltas += 1
+
+
+def merge_and_wait(engine: Engine, adapter_id: str, tenant: str = "default") -> None:
+    """Merge the adapter's newest version, stepping the engine until it is done (raises MergeRefused)."""
+    key = AdapterKey(tenant, adapter_id, engine.adapters.latest_version(tenant, adapter_id))
+    done = engine.merge.request_merge(key)
+    while not done.done():
+        engine.step()
+    done.result()
 
 
 def generate_all(engine: Engine, requests: Sequence[EngineRequest],

@@ -13,6 +13,7 @@ adapter is on the device.
 
 import logging
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +22,7 @@ from kernels.lora_batch import LoraBatch
 from server.engine.adapter_key import AdapterKey
 from server.engine.merge_policy import AutoMergePolicy, MergePolicyConfig
 from server.engine.residency import Residency
+from server.engine.scheduled_batch import ScheduledBatch
 from server.model.llama import LlamaModel
 from server.model.lora_linear import LoraBatches
 from server.model.merge import MergedSlot, merge_slot_, merged_lora_batches, unmerge_
@@ -94,9 +96,12 @@ class MergeControl:
             raise MergeRefused(f"adapter {adapter_id!r} is not merged")
         self._unmerge()
 
-    def after_step(self, tokens_by_key: dict[AdapterKey | None, int]) -> None:
-        """Called by the engine after each step: feed the policy, carry out what is due."""
-        if self.policy is not None and tokens_by_key:
+    def after_step(self, batch: ScheduledBatch | None) -> None:
+        """Called by the engine after each step (batch None: nothing ran): feed the policy, carry out what is due."""
+        if self.policy is not None and batch is not None:
+            tokens_by_key: Counter = Counter()
+            for chunk in batch.chunks:
+                tokens_by_key[chunk.seq.adapter_key] += chunk.num_tokens
             self.policy.observe(tokens_by_key)
             decision = self.policy.decide(self.merged_key)
             if decision is not None and self._pending is None:

@@ -21,6 +21,7 @@ from server.engine.merge_policy import MergePolicyConfig
 from server.engine.model_runner import ModelRunner
 from server.engine.residency import Residency, ResidencyConfig
 from server.engine.scheduler_config import SchedulerConfig
+from server.engine.slot_writer import SlotWriter
 from server.engine.store_source import StoreAdapterSource
 from server.model.attention import PagedKVCache
 from server.model.llama import LlamaModel
@@ -130,9 +131,7 @@ def base_description(model_dir: Path, model_name: str | None = None) -> BaseMode
 def _residency_config(model: LlamaModel, options: EngineOptions) -> ResidencyConfig:
     device_bytes = options.adapter_device_bytes
     if device_bytes is None:
-        bytes_per_row = sum((linear.num_slices * linear.in_features + linear.out_features)
-                            * model.embed_tokens.weight.element_size() for linear in model.lora_linears())
-        device_bytes = bytes_per_row * options.max_lora_rank * options.max_adapters_on_device
+        device_bytes = SlotWriter(model).bytes_per_row * options.max_lora_rank * options.max_adapters_on_device
     return ResidencyConfig(device_budget_bytes=device_bytes, host_budget_bytes=options.adapter_host_bytes,
                            num_slots=options.max_adapters_on_device)
 

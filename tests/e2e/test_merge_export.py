@@ -17,16 +17,13 @@ from server.export import ExportError, add_merge_parser, run_merge
 from server.model.llama import PACKED_MODULES
 from server.model.loader import load_model
 from server.model.nf4 import quantize_nf4_
-from tests.reference import add_random_lora, assert_close_relative, hf_logits, save_random_hf_model
+from tests.reference import add_random_lora, assert_close_relative, hf_logits, one_torch_thread, save_random_hf_model
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors: extra intra-op threads only add overhead, and spin badly on a busy runner (as tests/store)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 def lora_server_merge(*argv: str) -> None:

@@ -11,7 +11,7 @@ import torch
 from server.demo import tasks
 from server.engine.adapter_key import AdapterKey
 from server.engine.async_engine import AsyncEngine
-from server.engine.generate_all import generate_all
+from server.engine.generate_all import generate_all, merge_and_wait
 from server.engine.merge_control import MergeRefused
 from server.engine.request import EngineRequest
 from server.engine.sampler import SamplingParams
@@ -28,14 +28,6 @@ def base_weights(engine) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in engine.model.named_parameters() if ".base." in name}
 
 
-def merge_now(engine, adapter_id: str) -> None:
-    key = AdapterKey("default", adapter_id, engine.adapters.latest_version("default", adapter_id))
-    done = engine.merge.request_merge(key)
-    while not done.done():
-        engine.step()
-    done.result()
-
-
 @pytest.fixture
 def demo_engine(tmp_path):
     engine = open_demo_engine(tmp_path / "store", max_num_seqs=16, merge_policy="manual")
@@ -49,7 +41,7 @@ def test_merged_mode_gives_every_request_the_same_tokens(demo_engine):
     before = base_weights(demo_engine)
     requests = mixed_requests(demo_engine.tokenizer, rng, 20, [None, *tasks.ADAPTER_NAMES], "r")
     unmerged = generate_all(demo_engine, requests)
-    merge_now(demo_engine, "upper")
+    merge_and_wait(demo_engine, "upper")
     assert demo_engine.merge.merged_key.adapter_id == "upper"
     assert any(not torch.equal(before[n], p) for n, p in base_weights(demo_engine).items()), "nothing was merged"
     merged = generate_all(demo_engine, requests)
@@ -93,7 +85,7 @@ def test_random_adapters_merged_equal_unmerged(tmp_path):
                                   request_id=str(i)) for i in range(15)]
         unmerged = generate_all(engine, requests)
         for merged_name in ("r2-rslora", "r16-patterned"):
-            merge_now(engine, merged_name)
+            merge_and_wait(engine, merged_name)
             merged = generate_all(engine, requests)
             assert [r.token_ids for r in merged] == [r.token_ids for r in unmerged], f"merged {merged_name}"
     finally:

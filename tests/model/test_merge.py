@@ -21,7 +21,7 @@ from server.model.merge import (
     merged_lora_batches,
     unmerge_,
 )
-from tests.reference import add_random_lora, assert_close_relative, save_random_hf_model
+from tests.reference import add_random_lora, assert_close_relative, one_torch_thread, save_random_hf_model
 
 ADAPTERS = {
     "plain": dict(r=8, lora_alpha=16),
@@ -35,12 +35,9 @@ NUM_DECODE = 6
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors: extra intra-op threads only add overhead, and spin badly on a busy runner (as tests/store)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
