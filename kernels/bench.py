@@ -161,7 +161,7 @@ class Setup:
 
 
 def make_setup(in_features: int, slice_sizes: tuple[int, ...], rank: int, token_slots: list[int], pool_size: int,
-               dtype: torch.dtype, device: torch.device) -> Setup:  # fmt: skip
+               dtype: torch.dtype, device: torch.device) -> Setup:
     num_slices = len(slice_sizes)
     placement = torch.randperm(pool_size).tolist()  # slot i sits at the placement[i]-th block of rows
     row_starts = [p * rank for p in placement]
@@ -236,7 +236,7 @@ def gather_bmm_shrink(
 
 
 def gather_bmm_expand(y: torch.Tensor, bt_stack: torch.Tensor, out: torch.Tensor, token_slots: torch.Tensor,
-                      slice_offsets: tuple[int, ...]) -> None:  # fmt: skip
+                      slice_offsets: tuple[int, ...]) -> None:
     """out [num_tokens, out] += y [num_tokens, num_slices, max_rank] @ each token's own Bᵀ, slice by slice."""
     bt = bt_stack.index_select(0, token_slots)  # [num_tokens, max_rank, out]: a copy per token
     for k in range(len(slice_offsets) - 1):
@@ -344,7 +344,7 @@ def lora_fns(s: Setup, with_triton: bool) -> tuple[ShrinkFn, ExpandFn]:
                                        t["slot_scales"], max_rank),
             lambda y, out: lora_expand_triton(y, s.lora_bt, out, s.batch, t["slot_row_starts"], t["slot_ranks"],
                                               t["slice_offsets"]),
-        )  # fmt: skip
+        )
     return (
         lambda: lora_shrink_torch(s.x, s.lora_a, s.batch, s.row_starts, s.ranks, s.scales),
         lambda y, out: lora_expand_torch(y, s.lora_bt, out, s.batch, s.row_starts, s.ranks, s.slice_offsets),
@@ -455,7 +455,7 @@ def run(config: BenchConfig) -> list[Row]:
     peak = measure_peak_bandwidth(config.device, timer, config.peak_bytes)
     device_name = torch.cuda.get_device_name(config.device) if config.device.type == "cuda" else "cpu"
     print(f"device: {device_name}, dtype: {config.dtype}, measured copy bandwidth: {peak / 1e9:.0f} GB/s, "
-          f"adapter pool: {config.pool}")  # fmt: skip
+          f"adapter pool: {config.pool}")
     kernel = "triton" if config.with_triton else "torch"
     groups = table_columns(kernel, with_torch=config.with_triton)
     widths = [sum(width for _, width in columns) for _, columns in groups]
@@ -473,9 +473,9 @@ def run(config: BenchConfig) -> list[Row]:
                         pool_size = pool_size_for(popularity, len(sequence_lens(phase, num_tokens)), config.pool)
                         token_slots = make_token_slots(phase, popularity, num_tokens, pool_size)
                         s = make_setup(in_features, slice_sizes, rank, token_slots, pool_size, config.dtype,
-                                       config.device)  # fmt: skip
+                                       config.device)
                         row = bench_row(s, timer, config.with_triton, layer=layer, rank=rank, popularity=popularity,
-                                        phase=phase, num_tokens=num_tokens)  # fmt: skip
+                                        phase=phase, num_tokens=num_tokens)
                         print(render(groups, row_cells(row, peak, with_torch=config.with_triton)), flush=True)
                         rows.append(row)
                         del s
@@ -499,7 +499,7 @@ def print_summary(rows: list[Row], config: BenchConfig, kernel: str, peak: float
         for batch, punica in PUNICA_US.items()
     )
     print(f"vs Punica SGMV (A100, hidden 4096, rank {PUNICA_RANK}, distinct): {kernel} shrink + expand on {shape}, "
-          f"rank {PUNICA_RANK}, distinct decode: {ours}")  # fmt: skip
+          f"rank {PUNICA_RANK}, distinct decode: {ours}")
     big = [r for r in rows if r.num_tokens >= BANDWIDTH_TARGET_TOKENS]
     if not big:
         print(f"no row with >= {BANDWIDTH_TARGET_TOKENS} tokens: no bandwidth figure against the target")
@@ -509,13 +509,13 @@ def print_summary(rows: list[Row], config: BenchConfig, kernel: str, peak: float
         return f"{r.layer} rank {r.rank} {r.popularity} {r.phase} {r.num_tokens}"
 
     per_call = [(b / t, op, r) for r in big for op, b, t in (("shrink", r.shrink_bytes, r.shrink_s),
-                                                                ("expand", r.expand_bytes, r.expand_s))]  # fmt: skip
+                                                                ("expand", r.expand_bytes, r.expand_s))]
     worst_bps, worst_op, worst = min(per_call, key=lambda item: item[0])
     together = min(big, key=lambda r: (r.shrink_bytes + r.expand_bytes) / r.lora_s)
     together_bps = (together.shrink_bytes + together.expand_bytes) / together.lora_s
     print(f"lowest % of copy bandwidth at >= {BANDWIDTH_TARGET_TOKENS} tokens ({kernel}; target "
           f"{100 * BANDWIDTH_TARGET:.0f}%): one call {100 * worst_bps / peak:.1f}% ({worst_op}, {label(worst)}); "
-          f"shrink + expand together {100 * together_bps / peak:.1f}% ({label(together)})")  # fmt: skip
+          f"shrink + expand together {100 * together_bps / peak:.1f}% ({label(together)})")
 
 
 def _us(seconds: float) -> str:
@@ -541,10 +541,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="o, qkv 8B and gate_up 8B at rank 16 only")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
-                        help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+                        help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--layers", nargs="+", metavar="NAME", help="layers whose name contains any of these")
     parser.add_argument("--ranks", nargs="+", type=int,
-                        help=f"default: {_ints(RANKS)} on CUDA, {_ints(CPU_RANKS)} on CPU")  # fmt: skip
+                        help=f"default: {_ints(RANKS)} on CUDA, {_ints(CPU_RANKS)} on CPU")
     parser.add_argument(
         "--batches",
         nargs="+",
@@ -571,7 +571,7 @@ def main() -> None:
         quick_layers, reference_layer = CPU_QUICK_LAYERS, "o tiny"
         also = "Triton kernels under the interpreter (TRITON_INTERPRET=1: they run, the times mean nothing)"
         print(f"No CUDA device: tiny CPU shapes, timing the {also if with_triton else 'torch backend'}; "
-              "Punica's figures are for 4096 -> 4096 on an A100, not comparable with these.")  # fmt: skip
+              "Punica's figures are for 4096 -> 4096 on an A100, not comparable with these.")
     if args.quick:
         layers, ranks = {name: layers[name] for name in quick_layers}, (PUNICA_RANK,)
     config = BenchConfig(

@@ -40,7 +40,7 @@ def _lora_expand_kernel(
     NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     segment = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -149,4 +149,4 @@ def lora_expand_triton(
         # fp32 layers keep exact fp32 products; fp16/bf16 weights are exact in tf32 (see module docstring).
         DOT_PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
-    )  # fmt: skip
+    )

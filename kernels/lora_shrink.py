@@ -61,7 +61,7 @@ def _lora_shrink_kernel(
     NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):  # fmt: skip
+):
     segment = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_sr = tl.program_id(2)
@@ -97,7 +97,7 @@ def _lora_shrink_kernel(
     for k0 in range(0, in_features, BLOCK_K):
         mask_k = offs_k < in_features - k0
         x = tl.load(x_rows[:, None] + (k0 + offs_k)[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)  # fmt: skip
+                    other=0.0)
         a = tl.load(a_base + k0 * stride_ak + a_offs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if USE_DOT:
             if UPCAST_DOT:
@@ -178,7 +178,7 @@ def lora_shrink_triton(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast_dot else "tf32",
         UPCAST_DOT=upcast_dot,
         num_warps=num_warps,
-    )  # fmt: skip
+    )
     return y
 
 

@@ -36,8 +36,7 @@ def demo_engine(tmp_path):
     engine.store.close()
 
 
-def test_merged_mode_gives_every_request_the_same_tokens(demo_engine):
-    rng = random.Random()
+def test_merged_mode_gives_every_request_the_same_tokens(demo_engine, rng):
     before = base_weights(demo_engine)
     requests = mixed_requests(demo_engine.tokenizer, rng, 20, [None, *tasks.ADAPTER_NAMES], "r")
     unmerged = generate_all(demo_engine, requests)
@@ -54,8 +53,7 @@ def test_merged_mode_gives_every_request_the_same_tokens(demo_engine):
     assert stats.num_switches == 2 and stats.merged is None and stats.seconds_merged > 0
 
 
-def test_switching_mid_generation_changes_no_output(demo_engine):
-    rng = random.Random()
+def test_switching_mid_generation_changes_no_output(demo_engine, rng):
     requests = mixed_requests(demo_engine.tokenizer, rng, 12, [None, "upper", "rot13", "upper"], "m")
     reference = generate_all(demo_engine, requests)
     key = AdapterKey("default", "upper", demo_engine.adapters.latest_version("default", "upper"))
@@ -74,11 +72,10 @@ def test_switching_mid_generation_changes_no_output(demo_engine):
     assert demo_engine.stats().merge.num_switches == 2
 
 
-def test_random_adapters_merged_equal_unmerged(tmp_path):
+def test_random_adapters_merged_equal_unmerged(tmp_path, rng):
     root = write_random_checkpoint(tmp_path / "ckpt").parent
     engine = open_random_engine(root, tmp_path / "store", max_num_seqs=8, merge_policy="manual")
     try:
-        rng = random.Random()
         names = [None, *RANDOM_ADAPTERS]
         requests = [EngineRequest([rng.randrange(3, 97) for _ in range(rng.randint(2, 30))],
                                   SamplingParams(max_new_tokens=12), adapter_id=names[i % len(names)],
@@ -93,12 +90,11 @@ def test_random_adapters_merged_equal_unmerged(tmp_path):
         engine.store.close()
 
 
-def test_auto_policy_merges_a_dominant_adapter_then_unmerges_on_a_uniform_mix(tmp_path):
+def test_auto_policy_merges_a_dominant_adapter_then_unmerges_on_a_uniform_mix(tmp_path, rng):
     engine = open_demo_engine(tmp_path / "store", max_num_seqs=16, merge_policy="auto", merge_window_steps=8,
                               merge_min_steps_between_switches=8, merge_share=0.85, unmerge_share=0.5)
     reference = open_demo_engine(tmp_path / "reference-store", max_num_seqs=16, merge_policy="off")
     try:
-        rng = random.Random()
         skewed = mixed_requests(engine.tokenizer, rng, 40, ["upper"] * 19 + ["rot13"], "s")
         uniform = mixed_requests(engine.tokenizer, rng, 40, [None, *tasks.ADAPTER_NAMES], "u")
         merged_steps = []

@@ -1,5 +1,7 @@
 """The auto-merge policy: merges a dominant adapter, unmerges on a uniform mix, and does not thrash near a threshold."""
 
+import dataclasses
+import itertools
 import random
 
 import pytest
@@ -38,8 +40,7 @@ def uniform(rng: random.Random, n: int) -> list[dict]:
     return steps
 
 
-def test_merges_a_dominant_adapter_and_unmerges_on_a_uniform_mix():
-    rng = random.Random()
+def test_merges_a_dominant_adapter_and_unmerges_on_a_uniform_mix(rng):
     policy = AutoMergePolicy(CONFIG)
     merged, switches = run(policy, skewed(rng, "hot", 0.97, 100))
     assert merged == "hot" and [s[1] for s in switches] == ["merge"]
@@ -48,8 +49,7 @@ def test_merges_a_dominant_adapter_and_unmerges_on_a_uniform_mix():
     assert merged is None and [s[1] for s in switches] == ["unmerge"]
 
 
-def test_follows_a_new_dominant_adapter():
-    rng = random.Random()
+def test_follows_a_new_dominant_adapter(rng):
     policy = AutoMergePolicy(CONFIG)
     merged, _ = run(policy, skewed(rng, "first", 0.97, 60))
     merged, switches = run(policy, skewed(rng, "second", 0.97, 100), merged)
@@ -57,8 +57,7 @@ def test_follows_a_new_dominant_adapter():
     assert merged == "second" and [s[1:] for s in switches] == [("unmerge", None), ("merge", "second")]
 
 
-def test_does_not_thrash_between_the_thresholds():
-    rng = random.Random()
+def test_does_not_thrash_between_the_thresholds(rng):
     policy = AutoMergePolicy(CONFIG)
     merged, _ = run(policy, skewed(rng, "hot", 0.97, 60))
     # Shares wandering between 0.65 and 0.88: above unmerge, below merge. Nothing may change.
@@ -67,12 +66,19 @@ def test_does_not_thrash_between_the_thresholds():
     assert merged == "hot" and switches == []
 
 
-def test_switches_are_spaced_even_when_traffic_flips_every_step():
-    policy = AutoMergePolicy(CONFIG)
-    steps = [{"a": 32} if i % 30 < 15 else {"b": 32} for i in range(400)]
-    _, switches = run(policy, steps)
-    gaps = [b[0] - a[0] for a, b in zip(switches, switches[1:], strict=False)]
-    assert all(gap >= CONFIG.min_steps_between_switches for gap in gaps)
+def test_switches_are_spaced_even_when_traffic_flips_often():
+    # Runs of 25 steps of one adapter then 25 of another: each run fills the 20-step window, so every run would
+    # merge its adapter at once if nothing held the policy back; min_steps_between_switches must space them.
+    steps = [{"a": 32} if i % 50 < 25 else {"b": 32} for i in range(600)]
+    _, unspaced = run(AutoMergePolicy(dataclasses.replace(CONFIG, min_steps_between_switches=0)), steps)
+    assert min(b[0] - a[0] for a, b in itertools.pairwise(unspaced)) < CONFIG.min_steps_between_switches, \
+        "the traffic must be able to switch faster than the spacing, or this test checks nothing"
+
+    _, switches = run(AutoMergePolicy(CONFIG), steps)
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(switches)]
+    assert len(switches) >= 5, f"the flips should still drive switches: {switches}"
+    assert min(gaps) >= CONFIG.min_steps_between_switches, gaps
+    assert len(switches) < len(unspaced)
 
 
 def test_config_refuses_inverted_thresholds():

@@ -122,7 +122,7 @@ def lora_cases(draw: st.DrawFn, max_tokens: int = 48) -> LoraCase:
     for _ in range(num_slots):
         base = draw(st.integers(1, 64))  # one adapter's rank; a slice it skips has rank 0, rank_pattern may differ
         kinds = draw(st.lists(st.sampled_from(("same", "same", "same", "skip", "other")), min_size=num_slices,
-                              max_size=num_slices))  # fmt: skip
+                              max_size=num_slices))
         ranks.append([base if k == "same" else 0 if k == "skip" else draw(st.integers(1, 64)) for k in kinds])
 
     pattern = draw(st.sampled_from(("mixed", "one_slot", "every_token_its_own_slot", "decode")))
@@ -175,7 +175,7 @@ def reference(case: LoraCase, tensors: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def assert_close_to_reference(got: torch.Tensor, expected: torch.Tensor, expected_abs: torch.Tensor, tolerance: float,
-                              what: str) -> None:  # fmt: skip
+                              what: str) -> None:
     got = got.cpu().double()
     assert got.shape == expected.shape, (what, got.shape, expected.shape)
     if got.numel() == 0:

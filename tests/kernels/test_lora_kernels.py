@@ -42,10 +42,10 @@ def run_and_check(case: LoraCase, device: torch.device, backend: str) -> None:
     if backend == "triton":
         max_rank = max_active_rank(batch, host["slot_ranks_host"])
         y = lora_shrink_triton(x, lora_a, batch, tables["slot_row_starts"], tables["slot_ranks"],
-                               tables["slot_scales"], max_rank)  # fmt: skip
+                               tables["slot_scales"], max_rank)
     else:
         y = lora_shrink_torch(x, lora_a, batch, host["slot_row_starts_host"], host["slot_ranks_host"],
-                              host["slot_scales_host"])  # fmt: skip
+                              host["slot_scales_host"])
     expected = reference(case, inputs_before)
     valid = rank_mask(case, y.cpu())
     assert_close_to_reference(y.cpu()[valid], expected["y"][valid], expected["y_abs"][valid], Y_TOLERANCE, "y")
@@ -55,15 +55,15 @@ def run_and_check(case: LoraCase, device: torch.device, backend: str) -> None:
     y_poisoned[valid.to(device)] = y[valid.to(device)]
     if backend == "triton":
         lora_expand_triton(y_poisoned, lora_bt, out, batch, tables["slot_row_starts"], tables["slot_ranks"],
-                           tables["slice_offsets"])  # fmt: skip
+                           tables["slice_offsets"])
     else:
         lora_expand_torch(y_poisoned, lora_bt, out, batch, host["slot_row_starts_host"], host["slot_ranks_host"],
-                          host["slice_offsets_host"])  # fmt: skip
+                          host["slice_offsets_host"])
 
     has_slot = torch.tensor([s != NO_SLOT for s in case.token_slots])
     assert torch.equal(out.cpu()[~has_slot], inputs_before["out"].cpu()[~has_slot]), "a token without a slot changed"
     assert_close_to_reference(out.cpu()[has_slot], expected["out"][has_slot], expected["out_abs"][has_slot],
-                              TOLERANCE[case.dtype], f"out ({case.dtype})")  # fmt: skip
+                              TOLERANCE[case.dtype], f"out ({case.dtype})")
     for name in ("x", "lora_a", "lora_bt"):
         assert torch.equal(tensors[name], inputs_before[name]), f"{name} was written to"
 
@@ -134,10 +134,10 @@ def test_triton_batch_without_lora_tokens_changes_nothing(kernel_device):
     tensors, tables = case.tensors(kernel_device), case.device_tables(kernel_device)
     batch, out_before = case.batch(kernel_device), tensors["out"].clone()
     y = lora_shrink_triton(tensors["x"], tensors["lora_a"], batch, tables["slot_row_starts"], tables["slot_ranks"],
-                           tables["slot_scales"], max_rank=0)  # fmt: skip
+                           tables["slot_scales"], max_rank=0)
     assert y.shape == (5, 3, 0)
     lora_expand_triton(y, tensors["lora_bt"], tensors["out"], batch, tables["slot_row_starts"], tables["slot_ranks"],
-                       tables["slice_offsets"])  # fmt: skip
+                       tables["slice_offsets"])
     assert torch.equal(tensors["out"], out_before)
 
 
@@ -147,10 +147,10 @@ def test_launchers_reject_tables_of_the_wrong_dtype(kernel_device):
     batch = LoraBatch.build([0, 0], device=kernel_device)
     with pytest.raises(AssertionError):
         lora_shrink_triton(tensors["x"], tensors["lora_a"], batch, tables["slot_row_starts"],
-                           tables["slot_ranks"].long(), tables["slot_scales"], 4)  # fmt: skip
+                           tables["slot_ranks"].long(), tables["slot_scales"], 4)
     with pytest.raises(AssertionError):
         lora_shrink_triton(tensors["x"].half(), tensors["lora_a"], batch, tables["slot_row_starts"],
-                           tables["slot_ranks"], tables["slot_scales"], 4)  # fmt: skip
+                           tables["slot_ranks"], tables["slot_scales"], 4)
 
 
 # ---------------------------------------------------------------- the torch backend's gathered path (decode)
@@ -170,7 +170,7 @@ def run_gathered_and_check(case: LoraCase) -> None:
     has_slot = torch.tensor([s != NO_SLOT for s in case.token_slots])
     assert torch.equal(tensors["out"][~has_slot], inputs_before["out"][~has_slot]), "a token without a slot changed"
     assert_close_to_reference(tensors["out"][has_slot], expected["out"][has_slot], expected["out_abs"][has_slot],
-                              TOLERANCE[case.dtype], f"out ({case.dtype})")  # fmt: skip
+                              TOLERANCE[case.dtype], f"out ({case.dtype})")
 
 
 @settings(max_examples=40, deadline=None)

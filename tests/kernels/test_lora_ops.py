@@ -16,7 +16,7 @@ def apply(case: LoraCase, backend: str, device: torch.device) -> tuple[dict, tor
     tensors = case.tensors(device)
     out_before = tensors["out"].clone()
     apply_lora(backend, tensors["x"], tensors["out"], tensors["lora_a"], tensors["lora_bt"], case.batch(device),
-               **case.host_tables(), **case.device_tables(device))  # fmt: skip
+               **case.host_tables(), **case.device_tables(device))
     return tensors, out_before
 
 
@@ -37,7 +37,7 @@ def test_apply_lora_takes_any_bound_on_the_rank(kernel_device):
     exact, _ = apply(case, "triton", kernel_device)
     bounded = case.tensors(kernel_device)
     apply_lora("triton", bounded["x"], bounded["out"], bounded["lora_a"], bounded["lora_bt"], case.batch(kernel_device),
-               **case.host_tables(), **case.device_tables(kernel_device), max_rank=80)  # fmt: skip
+               **case.host_tables(), **case.device_tables(kernel_device), max_rank=80)
     assert torch.equal(bounded["out"], exact["out"])
 
 
