@@ -22,9 +22,15 @@ from adapters_store.errors import AdapterError
 from adapters_store.lora_adapter import LoraAdapter, LoraModuleWeights
 from adapters_store.peft_adapter import WEIGHTS_FILE
 from adapters_store.peft_config import CONFIG_FILE
+from adapters_store.peft_targets import MAX_LORA_SCALE
 
 METHODS = ("linear", "svd")
 ModuleKey = tuple[int, str]
+# A weight scales a source's delta as a LoRA scale does, so it gets the same bound (see MAX_LORA_SCALE).
+MAX_SOURCE_WEIGHT = MAX_LORA_SCALE
+# The result's factors carry every weight and scale (its own scale is 1), and the engine may hold them in float16:
+# a factor past float16's largest value would be inf there.
+MAX_FACTOR = torch.finfo(torch.float16).max
 
 
 def combine_adapters(sources: Sequence[tuple[LoraAdapter, float]], method: str = "linear",
@@ -35,11 +41,13 @@ def combine_adapters(sources: Sequence[tuple[LoraAdapter, float]], method: str =
     modules: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (A [r, in], B [out, r]), scale 1
     error_squared = total_squared = 0.0
     for key in keys:
-        terms = [(adapter.modules[key], weight) for adapter, weight in sources if key in adapter.modules]
-        a, b = _concatenated(terms)
+        terms = [(index, adapter.modules[key], weight) for index, (adapter, weight) in enumerate(sources)
+                 if key in adapter.modules]
+        a, b = _concatenated(key, terms)
         if method == "svd":
             a, b, discarded, total = _truncated(a, b, rank)
             error_squared, total_squared = error_squared + discarded, total_squared + total
+            _check_factors(key, a, b, "sources", "the truncated factors")
         modules[key] = (a.float().contiguous(), b.float().contiguous())
     relative_error = math.sqrt(error_squared / total_squared) if total_squared > 0 else 0.0
     base_model = sources[0][0].config.get("base_model_name_or_path")
@@ -54,6 +62,9 @@ def _check_request(sources: Sequence[tuple[LoraAdapter, float]], method: str, ra
     for index, (_, weight) in enumerate(sources):
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
             raise AdapterError(f"sources[{index}].weight", f"must be a finite number, got {weight!r}")
+        if abs(weight) > MAX_SOURCE_WEIGHT:
+            raise AdapterError(f"sources[{index}].weight", f"must be at most {MAX_SOURCE_WEIGHT:g} in magnitude, "
+                                                           f"got {weight!r}")
     if method == "svd":
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
             raise AdapterError("rank", f"svd needs a positive integer rank, got {rank!r}")
@@ -64,11 +75,24 @@ def _check_request(sources: Sequence[tuple[LoraAdapter, float]], method: str, ra
 # ---------------------------------------------------------------------------------------------------- the math
 
 
-def _concatenated(terms: list[tuple[LoraModuleWeights, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [Σr, in], B [out, Σr]) in fp64 with B·A = Σ w·scale·B_i·A_i: each weight and scale folded into B_i."""
-    a = torch.cat([module.lora_a.double() for module, _ in terms])
-    b = torch.cat([module.lora_b.double() * (weight * module.scale) for module, weight in terms], dim=1)
-    return a, b
+def _concatenated(key: ModuleKey, terms: list[tuple[int, LoraModuleWeights, float]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [Σr, in], B [out, Σr]) in fp64 with B·A = Σ w·scale·B_i·A_i: each weight and scale folded into B_i.
+    `terms` are (source index, module, weight); AdapterError naming the source whose factors would not fit."""
+    a_parts, b_parts = [], []
+    for index, module, weight in terms:
+        a_i, b_i = module.lora_a.double(), module.lora_b.double() * (weight * module.scale)
+        _check_factors(key, a_i, b_i, f"sources[{index}].weight", "weight × scale × lora_B")
+        a_parts.append(a_i)
+        b_parts.append(b_i)
+    return torch.cat(a_parts), torch.cat(b_parts, dim=1)
+
+
+def _check_factors(key: ModuleKey, a: torch.Tensor, b: torch.Tensor, field: str, what: str) -> None:
+    largest = max(a.abs().max().item(), b.abs().max().item())
+    if not largest <= MAX_FACTOR:  # `not <=`: NaN fails too
+        raise AdapterError(field, f"{what} of {full_module_name(*key)} reach {largest:.4g}, past float16's "
+                                  f"largest value {MAX_FACTOR:g}")
 
 
 def _truncated(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:

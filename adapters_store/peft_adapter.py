@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # never unpickled: loading one can run arbitrary code
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Why float16's largest finite value: the device pool may be float16, where a larger weight becomes inf and poisons
+# its requests' logits. Trained LoRA weights are orders of magnitude below it.
+MAX_WEIGHT_MAGNITUDE = float(torch.finfo(torch.float16).max)
 # PEFT's save_pretrained drops the adapter name, and its loader would not accept a key that kept it.
 _TENSOR_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
 _VELORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_velora_embed")
@@ -115,6 +118,9 @@ def _module_weights(module: tuple[int, str], pair: dict[str, torch.Tensor], targ
                                              f"model at rank {target.rank}: expected {expected}")
         if not torch.isfinite(tensor).all():
             raise _tensor_error(keys[which], "holds NaN or Inf values")
+        if tensor.numel() and tensor.abs().max().item() > MAX_WEIGHT_MAGNITUDE:
+            raise _tensor_error(keys[which], f"holds values over {MAX_WEIGHT_MAGNITUDE:g} in magnitude, which "
+                                             f"overflow a float16 adapter pool")
     return LoraModuleWeights(lora_a=a.contiguous(), lora_b=b.contiguous(), scale=target.scale)
 
 

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from adapters_store.base_model import LORA_TARGET_MODULES, BaseModelDescription
 from adapters_store.peft_config import LoraConfigFields, config_error
 
+# Why 1e4: trained adapters have scales alpha/r (or alpha/sqrt(r)) of about 0.1 to 100, so 1e4 refuses only nonsense,
+# and it keeps scale * (B @ A @ x) far from float16's largest value (65504) for weights and activations of ordinary
+# magnitude. An unbounded one (lora_alpha 1e308) passed every check and then turned its requests' logits into inf/NaN.
+MAX_LORA_SCALE = 1e4
+
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -92,6 +97,10 @@ def _rank_and_scale(config: LoraConfigFields, name: str) -> TargetSpec:
     rank = config.rank if rank_key is None else config.rank_pattern[rank_key]
     alpha = config.alpha if alpha_key is None else config.alpha_pattern[alpha_key]
     scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank  # rsLoRA: rank-stabilised scaling
+    if not abs(scale) <= MAX_LORA_SCALE:  # `not <=`: NaN fails too
+        alpha_field = "lora_alpha" if alpha_key is None else f"alpha_pattern[{alpha_key!r}]"
+        raise config_error(alpha_field, f"gives {name} a LoRA scale of {scale:.4g}; this server takes scales of at "
+                                        f"most {MAX_LORA_SCALE:g} in magnitude")
     return TargetSpec(rank=rank, scale=scale, rank_field="r" if rank_key is None else f"rank_pattern[{rank_key!r}]")
 
 

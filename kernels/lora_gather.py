@@ -52,5 +52,7 @@ def lora_gathered_torch(
     delta = torch.empty(num_tokens, lora_bt.shape[1], dtype=torch.float32, device=x.device)
     for k in range(num_slices):
         lo, hi = slice_offsets_host[k], slice_offsets_host[k + 1]
-        delta[:, lo:hi] = torch.bmm(y[:, k, None, :], bt[:, :, lo:hi])[:, 0]  # [T, n_k]
+        # Masked like y: a padding row times a zero of y is still NaN when the row holds NaN (someone else's rows).
+        bt_k = torch.where(live[:, k, :, None], bt[:, :, lo:hi], 0.0)  # [T, R, n_k]
+        delta[:, lo:hi] = torch.bmm(y[:, k, None, :], bt_k)[:, 0]  # [T, n_k]
     out.index_add_(0, token_ids, delta.to(out.dtype))

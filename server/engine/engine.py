@@ -8,6 +8,10 @@
 A step: the scheduler picks the batch (decodes, prefill chunks, admissions), the model runner runs it and samples,
 the scheduler advances the sequences (EOS, length), then stop strings are checked on the new text. Requests that
 finished for any reason (stop, length, timeout, abort, error) get their last delta.
+
+Failures stay as small as they can: a request whose row cannot be sampled (non-finite logits from its adapter, a
+draw that raises) ends alone with an error while the rest of its step goes on; a step that raises is run once more
+before its requests end with an error, since a fault that cannot be pinned on one request may be transient.
 """
 
 import logging
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 
 from server.engine.adapter_gate import AdapterGate
 from server.engine.merge_control import MergeControl
-from server.engine.model_runner import MAX_LOGPROBS, ModelRunner, SampledToken
+from server.engine.model_runner import MAX_LOGPROBS, ModelRunner, SampledToken, StepResult
 from server.engine.request import EngineRequest, RequestDelta, RequestError, TokenLogprob, error_type_of
 from server.engine.scheduled_batch import ScheduledBatch
 from server.engine.scheduler import Scheduler
@@ -59,7 +63,8 @@ class Engine:
         self.num_steps = 0
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
-        self.num_step_failures = 0
+        self.num_step_failures = 0  # steps that raised twice: their requests ended with an error
+        self.num_step_retries = 0  # steps that raised and were run again
 
     # ---------------------------------------------------------------- requests in
 
@@ -138,16 +143,34 @@ class Engine:
             if state.first_scheduled is None:
                 state.first_scheduled = now
         self.num_steps += 1
+        result = self._run_with_retry(batch)
+        if result is None:
+            return {}
+        for seq_id, why in result.failed.items():  # before on_step_done, which then skips them
+            logger.warning("request %s ended with an error: %s", self._by_seq[seq_id].request.request_id, why)
+            self.scheduler.finish(seq_id, "error", why)
+        self.scheduler.on_step_done(batch, {seq_id: s.token_id for seq_id, s in result.sampled.items()})
+        return result.sampled
+
+    def _run_with_retry(self, batch: ScheduledBatch) -> StepResult | None:
+        """The runner's result; None when it raised twice and the batch's requests were ended with an error.
+
+        A rerun is safe (see ModelRunner.run): nothing between the two attempts touches the scheduler, so the
+        batch's block tables and positions are the same, and the rerun rewrites the same KV cache slots."""
         try:
-            sampled = self.runner.run(batch, self._num_logprobs)
+            return self.runner.run(batch, self._num_logprobs)
+        except Exception as error:  # why: a fault that names no one request may be transient; one more try
+            logger.warning("a model step of %d requests failed (%s: %s); running it again", batch.num_seqs,
+                           type(error).__name__, error)
+            self.num_step_retries += 1
+        try:
+            return self.runner.run(batch, self._num_logprobs)
         except Exception as error:  # why: one bad step must fail its own requests, not the server
-            logger.exception("a model step failed; finishing its %d requests with an error", batch.num_seqs)
+            logger.exception("a model step failed twice; finishing its %d requests with an error", batch.num_seqs)
             self.num_step_failures += 1
             for chunk in batch.chunks:
                 self.scheduler.finish(chunk.seq.seq_id, "error", f"the model step failed: {error}")
-            return {}
-        self.scheduler.on_step_done(batch, {seq_id: s.token_id for seq_id, s in sampled.items()})
-        return sampled
+            return None
 
     def _delta(self, state: _RequestState, final: bool) -> RequestDelta:
         seq = state.seq
@@ -190,6 +213,7 @@ class Engine:
             num_prompt_tokens_total=self.num_prompt_tokens_total,
             num_generated_tokens_total=self.num_generated_tokens_total,
             num_step_failures=self.num_step_failures,
+            num_step_retries=self.num_step_retries,
             residency=self.adapters.residency.counters() if self.adapters is not None else None,
             merge=self.merge.stats() if self.merge is not None else None,
         )

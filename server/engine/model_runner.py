@@ -3,6 +3,9 @@
 Per step: flat token ids and positions for every chunk (prefill chunks and decodes together), each chunk's key slots
 in the paged cache (from its block table), each token's LoRA slot (from residency), one forward pass, logits only at
 the last position of chunks that end at their sequence's last token, and one sample for each of those.
+
+A sequence whose row cannot be sampled (its logits are NaN or infinite, e.g. from a broken adapter; or its draw
+raises) is reported in `StepResult.failed` rather than failing the step: the others get their tokens as usual.
 """
 
 from collections.abc import Callable, Mapping
@@ -13,8 +16,9 @@ import torch
 from kernels.lora_batch import NO_SLOT, LoraBatch
 from server.engine.adapter_key import AdapterKey
 from server.engine.request import TokenLogprob
-from server.engine.sampler import SamplingParams, make_generator, sample
+from server.engine.sampler import SamplingParams, make_generator, sample_rows
 from server.engine.scheduled_batch import ScheduledBatch
+from server.engine.sequence import Sequence
 from server.model.attention import PagedKVCache, PagedSequenceChunk
 from server.model.llama import LlamaModel
 from server.model.lora_linear import LoraBatches
@@ -26,6 +30,12 @@ MAX_LOGPROBS = 20  # alternatives reported per token; OpenAI's own cap
 class SampledToken:
     token_id: int
     logprob: TokenLogprob | None  # when the request asked for logprobs
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sampled: dict[int, SampledToken]  # seq_id -> its new token, for every sampled chunk that got one
+    failed: dict[int, str]  # seq_id -> why its row got no token; that request alone ends with an error
 
 
 class ModelRunner:
@@ -46,8 +56,12 @@ class ModelRunner:
         self._generators.pop(seq_id, None)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, num_logprobs: Mapping[int, int] | None = None) -> dict[int, SampledToken]:
-        """One forward pass over `batch`; a token for every chunk with is_sampled, by seq_id."""
+    def run(self, batch: ScheduledBatch, num_logprobs: Mapping[int, int] | None = None) -> StepResult:
+        """One forward pass over `batch`; a token (or why none) for every chunk with is_sampled, by seq_id.
+
+        Safe to rerun after it raised: the KV cache writes land only in the batch's own slots and a rerun rewrites
+        them, and the generators advance only in the draws, which come after the forward pass, the logits and their
+        first host sync (where an asynchronous device error surfaces). Only the logprob bookkeeping follows them."""
         ids, positions, token_slots, chunks = [], [], [], []
         for chunk in batch.chunks:
             seq, start, n = chunk.seq, chunk.start_position, chunk.num_tokens
@@ -63,15 +77,23 @@ class ModelRunner:
 
         sampled = [(c, pc) for c, pc in zip(batch.chunks, chunks, strict=True) if c.is_sampled]
         if not sampled:
-            return {}
+            return StepResult({}, {})
         last_rows = torch.tensor([pc.token_start + pc.num_tokens - 1 for _, pc in sampled], device=self.device)
         logits = self.model.compute_logits(hidden[last_rows]).float()  # [num_sampled, vocab]
         seqs = [c.seq for c, _ in sampled]
         params: list[SamplingParams] = [seq.sampling or SamplingParams() for seq in seqs]
         generators = [self._generator(seq.seq_id, p) for seq, p in zip(seqs, params, strict=True)]
-        tokens = sample(logits, params, generators)
-        logprobs = self._logprobs(logits, tokens, [(num_logprobs or {}).get(seq.seq_id) for seq in seqs])
-        return {seq.seq_id: SampledToken(token, lp) for seq, token, lp in zip(seqs, tokens, logprobs, strict=True)}
+        rows = sample_rows(logits, params, generators)
+        good = [row for row, token in enumerate(rows.token_ids) if token is not None]
+        tokens = [rows.token_ids[row] for row in good]
+        wanted = [(num_logprobs or {}).get(seqs[row].seq_id) for row in good]
+        good_logits = logits if len(good) == len(seqs) else logits[good]  # [num_good, vocab]
+        logprobs = self._logprobs(good_logits, tokens, wanted) if good else []
+        return StepResult(
+            sampled={seqs[row].seq_id: SampledToken(token, lp)
+                     for row, token, lp in zip(good, tokens, logprobs, strict=True)},
+            failed={seqs[row].seq_id: f"{why} ({_served_by(seqs[row])})" for row, why in rows.errors.items()},
+        )
 
     def _key_slots(self, block_table: list[int], num_positions: int) -> torch.Tensor:
         """Cache slots of positions [0, num_positions): block b holds positions b*size .. b*size + size - 1."""
@@ -102,3 +124,8 @@ class ModelRunner:
             top = tuple(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(), strict=True)) if n else ()
             result.append(TokenLogprob(token, chosen[row], top))
         return result
+
+
+def _served_by(seq: Sequence) -> str:
+    key = seq.adapter_key
+    return "the base model" if key is None else f"adapter {key.adapter_id!r} version {key.version}"

@@ -16,7 +16,8 @@ class EngineStats:
     num_steps: int
     num_prompt_tokens_total: int
     num_generated_tokens_total: int
-    num_step_failures: int
+    num_step_failures: int  # steps that raised on their retry too (their requests ended with an error)
+    num_step_retries: int  # steps that raised once and were run again
     residency: ResidencyCounters | None = None  # None when the engine serves no adapters
     merge: MergeStats | None = None
 

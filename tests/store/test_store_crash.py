@@ -30,7 +30,8 @@ def put_until_killed(root: Path, base: BaseModelDescription, files: dict[str, by
     with AdapterStore.open(root, base) as store:
         os.write(fd, b"ready\n")
         for n in range(first, first + 100_000):
-            upload = variant(files, float(n - n % 4 if n % 4 == 3 else n))
+            # n / 64: distinct for every n, exact in float32, and within the float16 range the store accepts
+            upload = variant(files, (n - n % 4 if n % 4 == 3 else n) / 64)
             record = store.put(TENANT, f"adapter-{n % 3}", upload)
             os.write(fd, f"{record.adapter_id} {record.version} {record.sha256}\n".encode())
 
