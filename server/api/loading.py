@@ -28,11 +28,20 @@ class ServeTarget:
     engine_options: EngineOptions
     store_limits: StoreLimits
     max_pending: int
-    tenants: tuple[str, ...]  # whose store gets the demo adapters
+    tenants: tuple[str, ...]  # whose store gets the demo adapters; with several, each gets a bounded share
+    max_pending_per_tenant: int | None = None  # None: see resolved_max_pending_per_tenant
 
     @property
     def resolved_model_dir(self) -> Path:
         return DEMO_MODEL_DIR if self.model_dir is None else Path(self.model_dir)
+
+    @property
+    def resolved_max_pending_per_tenant(self) -> int:
+        """The given bound, else all of max_pending for a lone tenant (an open server) and half of it for several:
+        no tenant can then fill the queue and lock the others out, yet one busy tenant still gets most of it."""
+        if self.max_pending_per_tenant is not None:
+            return self.max_pending_per_tenant
+        return self.max_pending if len(self.tenants) <= 1 else max(1, self.max_pending // 2)
 
     @property
     def resolved_model_name(self) -> str:
@@ -53,7 +62,8 @@ def open_served(target: ServeTarget) -> Served:
     except BaseException:
         store.close()
         raise
-    async_engine = AsyncEngine(engine, max_pending=target.max_pending)
+    async_engine = AsyncEngine(engine, max_pending=target.max_pending,
+                               max_pending_per_tenant=target.resolved_max_pending_per_tenant)
     async_engine.start()
     return Served(async_engine, store, ChatTemplate.from_model_dir(model_dir))
 

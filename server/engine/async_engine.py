@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 
 from adapters_store import AdapterNotFound
@@ -31,8 +32,9 @@ ADAPTER_WAIT_S = 0.002  # nothing could run (adapter loads in flight): look agai
 class RequestStream:
     """Async iterator of one request's deltas; ends after the delta with a finish_reason."""
 
-    def __init__(self, request_id: str, engine: "AsyncEngine") -> None:
+    def __init__(self, request_id: str, tenant: str, engine: "AsyncEngine") -> None:
         self.request_id = request_id
+        self.tenant = tenant
         self._engine = engine
         self._queue: asyncio.Queue[RequestDelta] = asyncio.Queue()
         self._finished = False
@@ -55,12 +57,18 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_pending: int = 1024) -> None:
+    def __init__(self, engine: Engine, max_pending: int = 1024, max_pending_per_tenant: int | None = None) -> None:
+        if max_pending < 1 or (max_pending_per_tenant is not None and max_pending_per_tenant < 1):
+            raise ValueError(f"max_pending ({max_pending}) and max_pending_per_tenant ({max_pending_per_tenant}) "
+                             f"must be positive")
         self.engine = engine
         self.max_pending = max_pending  # unfinished requests, queued and running; more is a QueueFullError
+        # The same, counted per tenant (None: max_pending), so one tenant's burst cannot take every slot.
+        self.max_pending_per_tenant = min(max_pending_per_tenant or max_pending, max_pending)
         self._lock = threading.Condition()
         self._inbox: list[tuple[str, object]] = []  # ("add", EngineRequest) | ("abort", request_id), in order
         self._streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
+        self._num_pending_by_tenant: Counter[str] = Counter()  # the unfinished requests in _streams, per tenant
         self._accepting = True
         self._stopping = False
         self._heartbeat = time.monotonic()
@@ -86,10 +94,15 @@ class AsyncEngine:
             if len(self._streams) >= self.max_pending:
                 raise QueueFullError(f"{len(self._streams)} requests are already waiting or running "
                                      f"(the limit is {self.max_pending}); retry shortly")
+            if self._num_pending_by_tenant[request.tenant] >= self.max_pending_per_tenant:
+                raise QueueFullError(f"tenant {request.tenant!r} already has {self.max_pending_per_tenant} requests "
+                                     f"waiting or running (the limit per tenant is {self.max_pending_per_tenant}); "
+                                     f"retry shortly")
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
-            stream = RequestStream(request.request_id, self)
+            stream = RequestStream(request.request_id, request.tenant, self)
             self._streams[request.request_id] = (stream, asyncio.get_running_loop())
+            self._num_pending_by_tenant[request.tenant] += 1
             self._inbox.append(("add", request))
             self._lock.notify()
         return stream
@@ -132,6 +145,7 @@ class AsyncEngine:
             self._thread.join()
         with self._lock:
             streams, self._streams = self._streams, {}
+            self._num_pending_by_tenant.clear()
         for request_id, (stream, loop) in streams.items():
             self._deliver(stream, loop, RequestDelta(request_id, [], "", None, finish_reason="abort",
                                                      error="the server shut down"))
@@ -236,8 +250,16 @@ class AsyncEngine:
             with self._lock:
                 entry = self._streams.pop(delta.request_id) if delta.is_finished else \
                     self._streams.get(delta.request_id)
+                if delta.is_finished:
+                    self._forget_pending(entry[0].tenant)
             if entry is not None:
                 self._deliver(*entry, delta)
+
+    def _forget_pending(self, tenant: str) -> None:
+        """One of `tenant`'s requests finished (called under the lock)."""
+        self._num_pending_by_tenant[tenant] -= 1
+        if not self._num_pending_by_tenant[tenant]:
+            del self._num_pending_by_tenant[tenant]  # why: tenants come and go; the counter stays small
 
     @staticmethod
     def _deliver(stream: RequestStream, loop: asyncio.AbstractEventLoop, delta: RequestDelta) -> None:

@@ -13,25 +13,42 @@ batch's block tables; on_step_done skips what finished meanwhile.
 
 Policies:
 - Order within a step: running decodes (oldest first), then running prefill chunks (oldest first), then admissions
-  in queue order. Age is arrival order (`Scheduler.add`), kept across preemption.
-- Admission is first come, first served on step budget, sequence count and KV blocks: the first waiting request
+  in admission order, then the rest of the budget to prefill chunks held to their tenant's share (below). Age is
+  arrival order (`Scheduler.add`), kept across preemption.
+- Tenants: the queue is one FCFS queue per tenant (preempted requests first, then by arrival). Admission considers
+  next the tenant running the fewest sequences (ties: round robin, the one admitted least recently first, then
+  whose next request queued first), so one tenant's backlog never stands in front of another tenant's request.
+  With one tenant this is exactly first come, first served.
+- Admission goes in that order, limited by step budget, sequence count and KV blocks: the first waiting request
   that does not fit stops admission. A request whose adapter is neither resident nor placeable within the device
-  budget is skipped (its adapter is prefetched once) and those behind it may be admitted; each admission behind it
-  counts as one overtake, and once it has been overtaken `max_overtakes` times admission stops at it until it is
-  admitted. A request whose adapter can be made resident is admitted at once (its hold starts the load) and runs
-  when the load completes; a failed load finishes it alone with "error".
+  budget is skipped (its adapter is prefetched once) and those after it in admission order may be admitted, from
+  its tenant or another; each such admission counts as one overtake, and once it has been overtaken
+  `max_overtakes` times admission stops at it until it is admitted. A request whose adapter can be made resident
+  is admitted at once (its hold starts the load) and runs when the load completes; a failed load finishes it alone
+  with "error".
+- A new tenant gets a slot at once: while every sequence slot is taken, a tenant with requests waiting and nothing
+  running takes the slot of the youngest sequence of the tenant running the most (if that tenant runs two or more,
+  and the newcomer's request could be admitted now), which is preempted as below. One preemption per newcomer.
+- Prefill budget: while several tenants have prompt tokens to feed (running prefills or waiting requests), each
+  tenant's running prefill chunks take at most an equal share of what the decodes left; admission comes next, and
+  what is still left goes back to the prefills held to their share, oldest first (nothing is wasted). So another
+  tenant's long prompts cannot take a step whole: the share of a tenant whose requests all wait is left to
+  admission, and a newcomer's prompt, once admitted, is fed at least its share every step. With one tenant the
+  share is the whole budget.
 - Hot-swap pinning: `add` pins the adapter's latest version unless the caller pinned one: a version stored before
   the request was added serves it, whatever is stored while it waits or runs.
 - Holds: `acquire` at admission, `release` exactly once when the request finishes for any reason. The hold is kept
   across preemption, so a preempted request resumes with the version it started on, without reloading it.
-- Preemption by recompute: a decode that finds no free block preempts the youngest running sequence that is not in
-  this step's batch (itself when it is the youngest); a prefill chunk preempts younger ones only, else shrinks. The
-  victim's blocks are freed and it rejoins the front of the queue to recompute its prompt and generated tokens. No
-  admissions happen in a step that preempted. The oldest running sequence can always progress.
+- Preemption by recompute: a decode that finds no free block preempts a running sequence younger than itself and
+  not in this step's batch (itself when there is none): the youngest of the tenant running the most, which with one
+  tenant is simply the youngest; a prefill chunk preempts younger ones only, else shrinks. The victim's blocks are
+  freed and it rejoins the front of its tenant's queue to recompute its prompt and generated tokens. No admissions
+  happen in a step that preempted for memory. The oldest running sequence can always progress.
 """
 
 import bisect
-from collections.abc import Mapping
+from collections import Counter, deque
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 
 from server.engine.block_manager import BlockManager
@@ -45,13 +62,16 @@ class Scheduler:
         self.config = config
         self.residency = residency  # None: the base model only
         self.block_manager = BlockManager(config.num_blocks, config.block_size)
-        self.waiting: list[Sequence] = []  # queue order: preempted ones first, then by arrival
+        self.waiting: list[Sequence] = []  # queue order: preempted ones first, then by arrival (all tenants)
         self.running: list[Sequence] = []  # admitted, by arrival
         self._seqs: dict[int, Sequence] = {}  # every unfinished sequence
         self._holds: dict[int, Future[int]] = {}  # seq_id -> its adapter acquire, from admission to finish
         self._prefetched: set[int] = set()
         self._finished: list[Sequence] = []
         self._num_added = 0
+        self._num_admitted = 0
+        self._last_admitted: dict[str, int] = {}  # tenant -> serial of its latest admission, for the round robin
+        self._num_unfinished: Counter[str] = Counter()  # tenant -> its unfinished sequences
         self.num_preemptions = self.num_timeouts = self.num_aborted = self.num_errors = 0
 
     # ---------------------------------------------------------------- requests in and out
@@ -73,6 +93,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
         self._seqs[seq.seq_id] = seq
+        self._num_unfinished[seq.tenant] += 1
 
     def abort(self, seq_id: int) -> bool:
         """Cancel: blocks and adapter hold go at once. False if the sequence is unknown or already finished."""
@@ -98,6 +119,7 @@ class Scheduler:
 
     def schedule(self, now: float) -> ScheduledBatch | None:
         self._reap(now)
+        self._make_room_for_new_tenants()
         config, blocks = self.config, self.block_manager
         budget = config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
@@ -109,27 +131,38 @@ class Scheduler:
                     seq.num_uncomputed_tokens != 1:
                 continue
             while not blocks.can_allocate(seq, 1):
-                victim = self._youngest_preemptable(seq, scheduled) or seq
+                victim = self._preemption_victim(seq, scheduled) or seq
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status is SequenceStatus.RUNNING:
                 budget -= self._schedule_chunk(seq, 1, chunks, scheduled)
 
-        for seq in list(self.running):  # prefill chunks (new prompts, the rest of long ones, recomputes)
+        # Prefill chunks (new prompts, the rest of long ones, recomputes), each tenant's up to its share.
+        share = self._prefill_share(budget, scheduled)
+        num_fed: Counter[str] = Counter()  # tenant -> prefill tokens scheduled this step
+        held_back: list[Sequence] = []  # cut short by their tenant's share: first to get what is left at the end
+        for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq in scheduled or not self._is_adapter_ready(seq):
                 continue
-            num_tokens = min(seq.num_uncomputed_tokens, config.chunk_limit, budget)
-            while not blocks.can_allocate(seq, num_tokens) and (victim := self._youngest_preemptable(seq, scheduled)):
+            wanted = min(seq.num_uncomputed_tokens, config.chunk_limit, budget)
+            num_tokens = min(wanted, share - num_fed[seq.tenant])
+            if num_tokens < wanted:
+                held_back.append(seq)
+            if num_tokens == 0:
+                continue
+            while not blocks.can_allocate(seq, num_tokens) and (victim := self._preemption_victim(seq, scheduled)):
                 self._preempt(victim)
             num_tokens = min(num_tokens, blocks.num_allocatable_tokens(seq))
             if num_tokens > 0:
                 budget -= self._schedule_chunk(seq, num_tokens, chunks, scheduled)
+                num_fed[seq.tenant] += num_tokens
 
         if self.num_preemptions == num_preempted:  # why: memory is short; what was preempted must not churn back
-            self._admit(budget, chunks, scheduled)
+            budget -= self._admit(budget, chunks, scheduled)
+        self._feed_held_back(held_back, budget, chunks, scheduled)
         return ScheduledBatch(tuple(chunks)) if chunks else None
 
     def on_step_done(self, batch: ScheduledBatch, sampled_token_ids: Mapping[int, int]) -> None:
@@ -151,10 +184,11 @@ class Scheduler:
 
     # ---------------------------------------------------------------- admission
 
-    def _admit(self, budget: int, chunks: list[ScheduledChunk], scheduled: set[Sequence]) -> None:
-        """Admit waiting requests in queue order, scheduling the first chunk of those whose adapter is ready."""
+    def _admit(self, budget: int, chunks: list[ScheduledChunk], scheduled: set[Sequence]) -> int:
+        """Admit waiting requests in admission order, scheduling the first chunk of those whose adapter is ready;
+        the tokens scheduled."""
         config, used, skipped = self.config, 0, []
-        for seq in list(self.waiting):
+        for seq in self._admission_order():
             if len(self.running) >= config.max_num_seqs:
                 break
             num_tokens = min(seq.num_uncomputed_tokens, config.chunk_limit, budget - used)
@@ -171,12 +205,65 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            self._last_admitted[seq.tenant], self._num_admitted = self._num_admitted, self._num_admitted + 1
             if state == "ready":
                 used += self._schedule_chunk(seq, num_tokens, chunks, scheduled)
             for overtaken in skipped:
                 overtaken.num_times_overtaken += 1
             if any(s.num_times_overtaken >= config.max_overtakes for s in skipped):
                 break
+        return used
+
+    def _admission_order(self) -> Iterator[Sequence]:
+        """The waiting requests, each tenant's in queue order, the next always from the tenant running the fewest
+        sequences, counting those admitted meanwhile (ties: the tenant admitted least recently, then whose next
+        request queued first). One tenant: its queue."""
+        queues: dict[str, deque[tuple[int, Sequence]]] = {}
+        for position, seq in enumerate(self.waiting):
+            queues.setdefault(seq.tenant, deque()).append((position, seq))
+        num_running = Counter(seq.tenant for seq in self.running)
+        while queues:
+            tenant = min(queues, key=lambda t: (num_running[t], self._last_admitted.get(t, -1), queues[t][0][0]))
+            _, seq = queues[tenant].popleft()
+            if not queues[tenant]:
+                del queues[tenant]
+            yield seq
+            num_running[tenant] += seq.status is SequenceStatus.RUNNING  # admitted while the caller looked
+
+    def _make_room_for_new_tenants(self) -> None:
+        """While every sequence slot is taken, give a tenant running nothing the slot of the youngest sequence of the
+        tenant running the most, so its request starts now rather than after someone else's long ones end."""
+        config = self.config
+        num_free_slots = config.max_num_seqs - len(self.running)
+        if num_free_slots > 0 and len(self.waiting) <= num_free_slots:
+            return  # why: the common case, and every waiting request has a slot anyway
+        num_running = Counter(seq.tenant for seq in self.running)
+        heads: dict[str, Sequence] = {}  # tenant running nothing -> its first waiting request, in queue order
+        for seq in self.waiting:
+            if seq.tenant not in num_running:
+                heads.setdefault(seq.tenant, seq)
+        for head in heads.values():
+            if not self._could_start_now(head):
+                continue
+            if num_free_slots > 0:  # admission will give it a free slot first: it runs the fewest
+                num_free_slots -= 1
+                continue
+            heaviest = max(num_running, key=lambda t: num_running[t], default=None)
+            if heaviest is None or num_running[heaviest] < 2:
+                return  # why: nobody runs more than one; taking someone's only sequence would just swap who waits
+            victim = next(seq for seq in reversed(self.running) if seq.tenant == heaviest)
+            blocks_needed = self.block_manager.num_blocks_needed(head, min(head.num_uncomputed_tokens,
+                                                                           config.chunk_limit))
+            if blocks_needed > self.block_manager.num_free_blocks + len(victim.block_table):
+                continue  # short of memory, not of slots: preempting would not let it in
+            self._preempt(victim)
+            num_running[heaviest] -= 1
+
+    def _could_start_now(self, seq: Sequence) -> bool:
+        """Whether admission would take `seq` given a slot: its adapter held, resident or placeable now."""
+        key = seq.adapter_key
+        return key is None or seq.seq_id in self._holds or (self.residency is not None and
+                                                            self.residency.can_make_resident(key))
 
     def _claim_adapter(self, seq: Sequence) -> str:
         """'ready', 'loading' (held, load under way), 'cold' (no hold: not placeable now) or 'failed' (finished)."""
@@ -205,23 +292,62 @@ class Scheduler:
 
     # ---------------------------------------------------------------- helpers
 
+    def _prefill_share(self, budget: int, scheduled: set[Sequence]) -> int:
+        """The most prefill tokens one tenant's running sequences get before admission: all of `budget` while one
+        tenant has prompt tokens to feed, else an equal share among the tenants that do."""
+        tenants = {seq.tenant for seq in self.waiting}
+        tenants.update(seq.tenant for seq in self.running if seq not in scheduled)
+        return budget if len(tenants) <= 1 else budget // len(tenants)
+
+    def _feed_held_back(self, seqs: list[Sequence], budget: int, chunks: list[ScheduledChunk],
+                        scheduled: set[Sequence]) -> None:
+        """Give what is left of the budget to prefills cut short by their tenant's share, oldest first: a chunk
+        grows (one chunk per sequence per step) or, for one that got nothing, starts."""
+        config, blocks = self.config, self.block_manager
+        for seq in seqs:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted by an older prefill since
+            index = next((i for i, chunk in enumerate(chunks) if chunk.seq is seq), None)
+            num_fed = 0 if index is None else chunks[index].num_tokens
+            num_tokens = min(seq.num_uncomputed_tokens, config.chunk_limit, num_fed + budget,
+                             blocks.num_allocatable_tokens(seq))
+            if num_tokens <= num_fed:
+                continue
+            if index is None:
+                budget -= self._schedule_chunk(seq, num_tokens, chunks, scheduled)
+            else:
+                blocks.allocate(seq, num_tokens)
+                chunks[index] = self._chunk(seq, num_tokens)
+                budget -= num_tokens - num_fed
+
     def _schedule_chunk(self, seq: Sequence, num_tokens: int, chunks: list[ScheduledChunk],
                         scheduled: set[Sequence]) -> int:
         self.block_manager.allocate(seq, num_tokens)
-        start = seq.num_computed_tokens
-        chunks.append(ScheduledChunk(seq, start, seq.token_ids(start, start + num_tokens),
-                                     is_sampled=start + num_tokens == seq.num_tokens))
+        chunks.append(self._chunk(seq, num_tokens))
         scheduled.add(seq)
         return num_tokens
 
-    def _youngest_preemptable(self, seq: Sequence, scheduled: set[Sequence]) -> Sequence | None:
-        """The youngest running sequence younger than `seq`, holding blocks, not in this step's batch."""
+    @staticmethod
+    def _chunk(seq: Sequence, num_tokens: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        return ScheduledChunk(seq, start, seq.token_ids(start, start + num_tokens),
+                              is_sampled=start + num_tokens == seq.num_tokens)
+
+    def _preemption_victim(self, seq: Sequence, scheduled: set[Sequence]) -> Sequence | None:
+        """A running sequence younger than `seq`, holding blocks, not in this step's batch: the youngest of the
+        tenant running the most (one tenant: the youngest)."""
+        candidates = []
         for other in reversed(self.running):
             if other.arrival <= seq.arrival:
-                return None
+                break
             if other.block_table and other not in scheduled:
-                return other
-        return None
+                candidates.append(other)
+        if len({other.tenant for other in candidates}) <= 1:
+            return candidates[0] if candidates else None
+        num_running = Counter(other.tenant for other in self.running)
+        return max(candidates, key=lambda other: (num_running[other.tenant], other.arrival))
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -260,6 +386,10 @@ class Scheduler:
             self.residency.release(seq.adapter_key)
         self._prefetched.discard(seq.seq_id)
         del self._seqs[seq.seq_id]
+        self._num_unfinished[seq.tenant] -= 1
+        if not self._num_unfinished[seq.tenant]:  # why: forget tenants that went away; the maps stay bounded
+            del self._num_unfinished[seq.tenant]
+            self._last_admitted.pop(seq.tenant, None)
         seq.status, seq.finish_reason, seq.error, seq.error_cause = SequenceStatus.FINISHED, reason, error, cause
         self.num_timeouts += reason == "timeout"
         self.num_aborted += reason == "abort"

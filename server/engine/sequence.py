@@ -37,7 +37,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # leading tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)  # block ids, position p lives in block_table[p // size]
-    num_times_overtaken: int = 0  # younger requests admitted while this one waited for its adapter
+    num_times_overtaken: int = 0  # requests admitted after it in admission order while it waited for its adapter
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     error: str | None = None  # why, when finish_reason is "error"

@@ -24,6 +24,17 @@ def engine(tmp_path):
     loaded.store.close()
 
 
+@pytest.fixture
+def tenant_engine(tmp_path):
+    loaded = open_demo_engine(tmp_path / "store", max_num_seqs=8)
+    async_engine = AsyncEngine(loaded, max_pending=6, max_pending_per_tenant=3)
+    async_engine.start()
+    yield async_engine
+    async_engine.shutdown()
+    loaded.close()
+    loaded.store.close()
+
+
 def request(engine: AsyncEngine, text: str, adapter: str | None = None, max_new_tokens: int = 30,
             **kwargs) -> EngineRequest:
     prompt = engine.engine.tokenizer.encode(tasks.make_prompt(text))
@@ -66,6 +77,25 @@ def test_errors_come_at_submit(engine):
         while engine.num_pending:
             await asyncio.sleep(0.01)
         assert engine.stats().num_kv_blocks_used == 0
+
+    asyncio.run(main())
+
+
+def test_a_tenant_at_its_bound_is_refused_while_others_still_get_in(tenant_engine):
+    engine = tenant_engine
+
+    async def main():
+        held = [engine.submit(request(engine, f"acme {i}", max_new_tokens=60, tenant="acme")) for i in range(3)]
+        with pytest.raises(QueueFullError, match="tenant 'acme'.*limit per tenant is 3"):
+            engine.submit(request(engine, "one too many", tenant="acme"))
+        other = engine.submit(request(engine, "globex", tenant="globex"))  # 4 of 6 in all: room for others
+        assert "".join(d.text for d in await collect(other)) == "globex"
+        for stream in held:
+            await stream.aclose()
+        while engine.num_pending:
+            await asyncio.sleep(0.01)
+        again = [engine.submit(request(engine, f"again {i}", tenant="acme")) for i in range(3)]  # counted down
+        assert [(await collect(s))[-1].finish_reason for s in again] == ["stop"] * 3
 
     asyncio.run(main())
 

@@ -6,6 +6,7 @@ oracle is a plain loop over the same sampling function, one request alone.
 """
 
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -141,8 +142,10 @@ class Run:
 
 def drive(scheduler: Scheduler, residency: FakeResidency | None, seqs: list[Sequence],
           arrive_at: dict[int, int] | None = None, abort_at: dict[int, int] | None = None,
-          model: "FakeModel | None" = None, max_steps: int = 5000) -> Run:
-    """Add each sequence at its step, abort at its step, run until all finish, checking the limits every step."""
+          model: "FakeModel | None" = None, max_steps: int = 5000,
+          observe: Callable[[Scheduler], Callable[[], None]] | None = None) -> Run:
+    """Add each sequence at its step, abort at its step, run until all finish, checking the limits every step.
+    `observe` is called just before each schedule; what it returns, just after."""
     arrive_at, abort_at = arrive_at or {}, abort_at or {}
     config, blocks = scheduler.config, scheduler.block_manager
     model = model or FakeModel(blocks)  # the caller's, when it ran steps of its own
@@ -154,7 +157,10 @@ def drive(scheduler: Scheduler, residency: FakeResidency | None, seqs: list[Sequ
         for seq_id, step in abort_at.items():
             if step == run.steps:
                 scheduler.abort(seq_id)
+        after_schedule = observe(scheduler) if observe is not None else None
         batch = scheduler.schedule(now=float(run.steps))
+        if after_schedule is not None:
+            after_schedule()
         for seq in scheduler.running:
             run.first_admitted.setdefault(seq.seq_id, run.steps)
         assert len(scheduler.running) <= config.max_num_seqs
