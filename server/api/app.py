@@ -3,16 +3,19 @@
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 
 from server.api import routes_adapters, routes_combine, routes_generate, routes_merge, routes_openai, routes_ops
 from server.api.auth import ApiKeys
 from server.api.config import ApiConfig
-from server.api.errors import install_error_handlers
+from server.api.errors import INVALID_REQUEST, ApiError, error_response, install_error_handlers
 from server.api.generation import ClientDisconnected
 from server.api.middleware import AccountingMiddleware, GateMiddleware
+from server.api.openapi import install_true_openapi
+from server.api.path_ids import check_path_ids
 from server.api.state import Loader, ServerState
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for it: nobody receives the response, but the metrics say what happened
@@ -45,6 +48,21 @@ def create_app(config: ApiConfig, keys: ApiKeys | None, loader: Loader,
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     app.add_exception_handler(ClientDisconnected, on_disconnect)
+
+    async def on_method_not_allowed(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's Allow names only the methods of the first route whose path matched; a path served by several
+        # routes (GET and POST /v1/adapters) allows all of theirs. A fixed path (/v1/adapters/combine) is only its
+        # own routes': the routes with a parameter there refuse that word as an id.
+        path = request.url.path
+        matching = [route for router in routers for route in router.routes if route.path_regex.match(path)]
+        fixed = [route for route in matching if not route.param_convertors]
+        allowed = ", ".join(sorted({method for route in fixed or matching for method in route.methods}))
+        allowed = allowed or (exc.headers or {}).get("Allow", "")  # FastAPI's own routes (/openapi.json, /docs)
+        return error_response(path, ApiError(405, INVALID_REQUEST, f"{request.method} is not allowed on {path} "
+                                             f"(allowed: {allowed})", headers={"Allow": allowed}))
+
+    app.add_exception_handler(405, on_method_not_allowed)
     for router in routers:
-        app.include_router(router)
+        app.include_router(router, dependencies=[Depends(check_path_ids)])
+    install_true_openapi(app, config, has_keys=keys is not None)
     return app

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError, AdapterNotFound, AdapterUnusable
+from adapters_store.store_errors import AdapterTooLarge
 from server.engine.merge_control import MergeRefused
 from server.engine.request import EngineStoppedError, QueueFullError, RequestError
 from server.engine.sampler import SamplingError
@@ -68,10 +69,12 @@ def api_error_from(exc: BaseException, retry_after_s: int = 1) -> ApiError | Non
     if isinstance(exc, MergeRefused):
         # 409: the request is well formed but conflicts with the server's state (its merge policy, what is merged).
         return ApiError(409, CONFLICT, str(exc), code="merge_refused")
+    if isinstance(exc, AdapterTooLarge):  # a combination's result over the size limit: as an upload's file would be
+        return ApiError(413, TOO_LARGE, str(exc), param=exc.field, code="adapter_too_large")
     if isinstance(exc, AdapterError):
         return ApiError(400, INVALID_REQUEST, str(exc), param=exc.field, code="invalid_adapter")
     if isinstance(exc, RequestError | SamplingError):
-        return invalid_request(str(exc))
+        return invalid_request(str(exc), param=getattr(exc, "field", None))
     if isinstance(exc, QueueFullError):
         return ApiError(429, RATE_LIMIT, str(exc), code="queue_full", headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, EngineStoppedError):
@@ -104,7 +107,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
         if status == 404:
             message = f"no route {request.method} {request.url.path}"
-        error = ApiError(status, _TYPE_OF_STATUS.get(status, SERVER if status >= 500 else INVALID_REQUEST), message)
+        error = ApiError(status, _TYPE_OF_STATUS.get(status, SERVER if status >= 500 else INVALID_REQUEST), message,
+                         headers=dict(exc.headers or {}))  # a 405's Allow, from Starlette's routing
         return error_response(request.url.path, error)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

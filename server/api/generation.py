@@ -26,7 +26,7 @@ from server.api.metrics import ApiMetrics
 from server.api.state import Served
 from server.engine.async_engine import RequestStream
 from server.engine.request import EngineRequest, RequestDelta, TokenLogprob
-from server.engine.sampler import SamplingParams
+from server.engine.sampler import SamplingError, SamplingParams
 
 T = TypeVar("T")
 
@@ -55,8 +55,12 @@ def build_request(served: Served, config: ApiConfig, principal: Principal, *, pr
     if max_new_tokens > config.max_new_tokens_limit:
         raise invalid_request(f"{max_tokens_param} is {max_new_tokens}, over this server's limit of "
                               f"{config.max_new_tokens_limit}", param=max_tokens_param, code="max_tokens_exceeded")
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              seed=seed)  # SamplingError (a 400) for out-of-range numbers
+    try:
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  seed=seed)
+    except SamplingError as error:  # a 400 naming the field as this route spells it (OpenAI's is max_tokens)
+        param = max_tokens_param if error.field == "max_new_tokens" else error.field
+        raise invalid_request(str(error), param=param) from None
     return EngineRequest(prompt_token_ids=prompt_token_ids, sampling=sampling, adapter_id=adapter_id,
                          tenant=principal.tenant, stop=stop, logprobs=logprobs, request_id=request_id)
 
@@ -208,9 +212,16 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
         for task in (work, watcher):
             if not task.done():
                 task.cancel()
+                # A cancelled gather ends later with a CancelledError *exception*: retrieve it, or asyncio logs it.
+                task.add_done_callback(_retrieve_outcome)
     if work.done() and not work.cancelled():
         return work.result()
     raise ClientDisconnected
+
+
+def _retrieve_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

@@ -100,8 +100,10 @@ class _EngineCollector:
             _counter("preemptions", "Sequences preempted (their KV cache freed, to be recomputed)",
                      stats.num_preemptions),
             _counter("engine_steps", "Engine steps run", stats.num_steps),
-            _counter("engine_step_failures", "Engine steps that raised (their requests ended with an error)",
+            _counter("engine_step_failures", "Engine steps that raised twice (their requests ended with an error)",
                      stats.num_step_failures),
+            _counter("engine_step_retries", "Engine steps that raised once and were run again",
+                     stats.num_step_retries),
         ]
         stored = self._num_stored_versions()
         tiers = GaugeMetricFamily(PREFIX + "adapters", "Adapters per tier: on the device, in the host cache, being "

@@ -2,11 +2,22 @@
 
 Unknown fields are ignored (clients send fields such as `user` that change nothing here); fields that would change
 the output in a way this server does not implement (n > 1, echo, penalties, logit_bias, tools...) are refused with a
-400 naming the field, never silently ignored. Responses are built as plain dicts in openai_format.py."""
+400 naming the field, never silently ignored. Responses are built as plain dicts in openai_format.py. Strings are
+checked to be valid UTF-8 text (`Text`, `VALID_TEXT`: see schemas.py)."""
+
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from server.api.errors import invalid_request
+from server.api.schemas import VALID_TEXT, Text
+
+# What a chat message may be. A message of any other role would reach the template, which renders only the roles it
+# knows: it would be dropped without a word. `developer` and `tool` are OpenAI's, but this server runs no tools and
+# its templates know no developer role, so they are refused with the reason.
+CHAT_ROLES = ("system", "user", "assistant")
+REFUSED_ROLES = {"developer": "this server has no developer role: send the instructions as a 'system' message",
+                 "tool": "this server does not call tools (`tools` is refused), so there are no tool results"}
 
 
 class StreamOptions(BaseModel):
@@ -17,12 +28,12 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: Text
     temperature: float | None = None  # None: OpenAI's default, 1
     top_p: float | None = None
     top_k: StrictInt | None = None  # not OpenAI's; vLLM's extension, accepted the same way
     seed: StrictInt | None = None
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, VALID_TEXT] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = 1
@@ -51,12 +62,14 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    prompt: Annotated[str | list[StrictInt] | list[str] | list[list[StrictInt]], VALID_TEXT] = Field(
+        description="one prompt (text or token ids), or a list of them (each its own choice; at most the server's "
+                    "--max-prompts-per-request)")
     max_tokens: StrictInt | None = 16  # OpenAI's default for completions
     logprobs: StrictInt | None = None
     echo: bool = False
     best_of: StrictInt | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -65,8 +78,9 @@ class CompletionRequest(_SamplingFields):
             if refused:
                 raise invalid_request(f"{field} is not supported", param=field, code="unsupported_parameter")
 
-    def prompts(self) -> list[str | list[int]]:
-        """One prompt (text or token ids) per choice."""
+    def prompts(self, max_prompts: int) -> list[str | list[int]]:
+        """One prompt (text or token ids) per choice; at most `max_prompts`, so that one request cannot take every
+        queue slot at once."""
         prompt = self.prompt
         if isinstance(prompt, str):
             return [prompt]
@@ -74,10 +88,15 @@ class CompletionRequest(_SamplingFields):
             raise invalid_request("prompt must not be empty", param="prompt")
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]
+        if len(prompt) > max_prompts:
+            raise invalid_request(f"prompt is a list of {len(prompt)} prompts, over this server's limit of "
+                                  f"{max_prompts} per request", param="prompt", code="too_many_prompts")
         return list(prompt)
 
 
 class ContentPart(BaseModel):
+    """Its strings are checked by ChatMessage.content's VALID_TEXT (so the error names `content`)."""
+
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
@@ -85,8 +104,15 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[ContentPart] | None = None
+    role: Text = Field(json_schema_extra={"enum": list(CHAT_ROLES)})
+    content: Annotated[str | list[ContentPart] | None, VALID_TEXT] = None
+
+    def check_role(self, index: int) -> None:
+        if self.role in CHAT_ROLES:
+            return
+        why = REFUSED_ROLES.get(self.role, f"a message's role is one of {', '.join(CHAT_ROLES)}")
+        raise invalid_request(f"messages[{index}].role {self.role!r} is not supported: {why}",
+                              param=f"messages[{index}].role")
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -120,6 +146,8 @@ class ChatCompletionRequest(_SamplingFields):
                                   code="unsupported_parameter")
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid_request("top_logprobs needs logprobs: true", param="top_logprobs")
+        for index, message in enumerate(self.messages):
+            message.check_role(index)
 
     @property
     def requested_max_tokens(self) -> int | None:

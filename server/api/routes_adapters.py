@@ -20,7 +20,14 @@ from adapters_store.upload import check_id
 from server.api.auth import Principal, require_admin
 from server.api.deps import CallerDep, StateDep
 from server.api.errors import CONFLICT, TOO_LARGE, ApiError, api_error_from, invalid_request, not_found
-from server.api.schemas import AdapterCreated, AdapterDeleted, AdapterDetail, AdapterList, AdapterSummary
+from server.api.schemas import (
+    AdapterCreated,
+    AdapterDeleted,
+    AdapterDetail,
+    AdapterIdText,
+    AdapterList,
+    AdapterSummary,
+)
 from server.api.state import Served, ServerState
 from server.engine.merge_control import MergeRefused
 
@@ -33,8 +40,8 @@ UPLOAD_RESULT_OF_STATUS = {201: "success", 400: "invalid", 413: "too_large", 409
 
 
 @router.post("/v1/adapters", status_code=201, response_model=AdapterCreated, summary="Upload a new adapter")
-async def create_adapter(adapter_id: Annotated[str, Form()], adapter_config: ConfigFile, adapter_model: ModelFile,
-                         state: StateDep, principal: CallerDep) -> dict:
+async def create_adapter(adapter_id: Annotated[AdapterIdText, Form()], adapter_config: ConfigFile,
+                         adapter_model: ModelFile, state: StateDep, principal: CallerDep) -> dict:
     return await _upload(state, principal, adapter_id, adapter_config, adapter_model, must_be_new=True)
 
 
@@ -42,7 +49,7 @@ async def create_adapter(adapter_id: Annotated[str, Form()], adapter_config: Con
             summary="Store a new version of an adapter (created if missing); new requests use it at once")
 async def put_adapter(adapter_id: str, adapter_config: ConfigFile, adapter_model: ModelFile, state: StateDep,
                       principal: CallerDep,
-                      form_adapter_id: Annotated[str | None, Form(alias="adapter_id")] = None) -> dict:
+                      form_adapter_id: Annotated[AdapterIdText | None, Form(alias="adapter_id")] = None) -> dict:
     if form_adapter_id is not None and form_adapter_id != adapter_id:
         raise invalid_request(f"the form's adapter_id {form_adapter_id!r} differs from the path's {adapter_id!r}",
                               param="adapter_id")

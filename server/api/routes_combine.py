@@ -13,6 +13,7 @@ from fastapi import APIRouter
 
 from adapters_store import AdapterStore, LoraAdapter
 from adapters_store.combine import METHODS, combine_adapters
+from adapters_store.upload import check_id
 from server.api.auth import require_admin
 from server.api.deps import CallerDep, StateDep
 from server.api.errors import invalid_request
@@ -30,9 +31,12 @@ async def combine(body: CombineRequest, state: StateDep, principal: CallerDep) -
     served = state.require_served()
     store = require_store(served)
     check_adapter_id(served, principal, body.adapter_id, must_be_new=True)
+    for index, source in enumerate(body.sources):  # before any store access
+        check_id(source.id, f"sources[{index}].id")
     if body.method not in METHODS:  # before reading any source; combine_adapters checks everything else
         raise invalid_request(f"method must be one of {', '.join(METHODS)}, got {body.method!r}", param="method")
     files, relative_error = await asyncio.to_thread(_combine, store, principal.tenant, body)
+    # A result over the store's size limit is an AdapterTooLarge: a 413, as an upload of that file would get.
     record = await store_version(state, served, principal, body.adapter_id, files, must_be_new=True)
     logger.info("tenant %s combined %s (%s) into %s version %d, relative error %.3g", principal.tenant,
                 [source.id for source in body.sources], body.method, body.adapter_id, record.version, relative_error)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from adapters_store.upload import check_id
 from server.api.deps import CallerDep, StateDep
 from server.api.generation import TrackedStream, build_request, error_of, new_id, until_disconnected
 from server.api.schemas import GenerateRequest, GenerateResponse
@@ -24,6 +25,8 @@ router = APIRouter()
 async def generate(body: GenerateRequest, request: Request, state: StateDep,
                    principal: CallerDep) -> Response:
     served = state.require_served()
+    if body.adapter_id is not None:
+        check_id(body.adapter_id, "adapter_id")  # before the engine looks it up in the store
     prompt_ids = body.prompt_token_ids if body.prompt is None else served.tokenizer.encode(body.prompt)
     engine_request = build_request(
         served, state.config, principal, prompt_token_ids=prompt_ids, adapter_id=body.adapter_id,

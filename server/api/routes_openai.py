@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from adapters_store import AdapterNotFound
+from adapters_store.upload import check_id
 from server.api import openai_format as fmt
 from server.api.auth import Principal
 from server.api.chat_template import ChatTemplateError, Message
@@ -71,7 +72,12 @@ def _model_not_found(served: Served, model: str) -> ApiError:
 
 
 def _adapter_of(served: Served, model: str) -> str | None:
-    return None if model == served.model_name else model
+    """The adapter a `model` names (None: the base model); a 400 naming `model` for a malformed id, before any store
+    access."""
+    if model == served.model_name:
+        return None
+    check_id(model, "model")
+    return model
 
 
 def _submit(served: Served, state: ServerState, model: str, requests: list[EngineRequest]) -> list[TrackedStream]:
@@ -89,11 +95,12 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
                       principal: CallerDep) -> Response:
     served = state.require_served()
     body.refuse_unsupported()
+    adapter_id = _adapter_of(served, body.model)
     response_id, created = new_id("cmpl"), int(time.time())
     requests = []
-    for index, prompt in enumerate(body.prompts()):
+    for index, prompt in enumerate(body.prompts(state.config.max_prompts_per_request)):
         prompt_ids = served.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        requests.append(_engine_request(served, state, principal, body, prompt_ids, body.max_tokens,
+        requests.append(_engine_request(served, state, principal, body, adapter_id, prompt_ids, body.max_tokens,
                                         body.logprobs, f"{response_id}-{index}"))
     streams = _submit(served, state, body.model, requests)
     decode = served.tokenizer.decode
@@ -137,6 +144,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                            principal: CallerDep) -> Response:
     served = state.require_served()
     body.refuse_unsupported()
+    adapter_id = _adapter_of(served, body.model)
     if served.chat_template is None:
         raise invalid_request(f"the model {served.model_name!r} has no chat template (tokenizer_config.json has no "
                               "chat_template): use /v1/completions", code="no_chat_template")
@@ -149,7 +157,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     prompt_ids = served.tokenizer.backend.encode(prompt, add_special_tokens=False).ids
     response_id, created = new_id("chatcmpl"), int(time.time())
     num_top = body.top_logprobs or 0
-    engine_request = _engine_request(served, state, principal, body, prompt_ids, body.requested_max_tokens,
+    engine_request = _engine_request(served, state, principal, body, adapter_id, prompt_ids, body.requested_max_tokens,
                                      num_top if body.logprobs else None, response_id,
                                      max_tokens_param="max_completion_tokens" if body.max_completion_tokens
                                      is not None else "max_tokens")
@@ -190,10 +198,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
 
 def _engine_request(served: Served, state: ServerState, principal: Principal,
-                    body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], max_tokens: int | None,
-                    logprobs: int | None, request_id: str, max_tokens_param: str = "max_tokens") -> EngineRequest:
+                    body: CompletionRequest | ChatCompletionRequest, adapter_id: str | None, prompt_ids: list[int],
+                    max_tokens: int | None, logprobs: int | None, request_id: str,
+                    max_tokens_param: str = "max_tokens") -> EngineRequest:
     return build_request(
-        served, state.config, principal, prompt_token_ids=prompt_ids, adapter_id=_adapter_of(served, body.model),
+        served, state.config, principal, prompt_token_ids=prompt_ids, adapter_id=adapter_id,
         max_new_tokens=max_tokens,
         temperature=OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,

@@ -1,25 +1,64 @@
 """Request and response bodies of the server's own routes (/v1/generate, /v1/adapters). Pydantic stops here: routes
 turn these into the engine's dataclasses at once.
 
-Ranges of the sampling numbers are checked by SamplingParams itself (one source of truth), not repeated here."""
+Ranges of the sampling numbers are checked by SamplingParams itself (one source of truth), not repeated here.
+Every string a client sends is checked to be valid UTF-8 text (JSON's `\\ud800` escapes can smuggle in lone
+surrogates, which the tokenizer and SQLite cannot take): `Text` for a string field, `Annotated[..., VALID_TEXT]` on a
+union of strings and lists (so the error names the field, not one of the union's members). Fields holding an adapter
+id are `AdapterIdText`: its schema documents the store's one id rule, which the routes check
+(`adapters_store.upload.check_id`) before any store access."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
+
+from adapters_store.upload import ID_PATTERN, ID_RULE, ROUTE_WORDS
+
+
+def _utf8_text(value: object) -> object:
+    """`value` once every string in it (itself, or in its lists and models, however nested) is valid UTF-8 text."""
+    if isinstance(value, list):
+        for item in value:
+            _utf8_text(item)
+    elif isinstance(value, BaseModel):
+        for item in vars(value).values():
+            _utf8_text(item)
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError("invalid_text", "not valid UTF-8 text: it holds a lone surrogate (such as "
+                                                      "\\ud800)") from None
+    return value
+
+
+VALID_TEXT = AfterValidator(_utf8_text)
+Text = Annotated[str, VALID_TEXT]
+ID_DESCRIPTION = f"{ID_RULE}; not all dots, and not {' or '.join(ROUTE_WORDS)}"
+AdapterIdText = Annotated[Text, WithJsonSchema({"type": "string", "pattern": ID_PATTERN.pattern,
+                                                "description": ID_DESCRIPTION})]
+# The rule `_one_prompt` enforces, in the schema: exactly one of the two, as a string or a list of token ids.
+ONE_PROMPT_SCHEMA = {"oneOf": [
+    {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+    {"required": ["prompt_token_ids"], "properties": {"prompt_token_ids": {"type": "array"}}},
+]}
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a silently ignored default
+    # extra="forbid": a misspelt field is an error, not a silently ignored default
+    model_config = ConfigDict(extra="forbid", json_schema_extra=ONE_PROMPT_SCHEMA)
 
-    prompt: str | None = None
+    prompt: Text | None = Field(default=None, description='exactly one of "prompt" and "prompt_token_ids"')
     prompt_token_ids: list[StrictInt] | None = None
-    adapter_id: str | None = Field(default=None, description="an adapter of the caller's tenant; null: the base model")
+    adapter_id: AdapterIdText | None = Field(default=None, description="an adapter of the caller's tenant; null: "
+                                                                        "the base model")
     max_new_tokens: StrictInt | None = Field(default=None, description="default: the server's --default-max-new-tokens")
     temperature: float = Field(default=0.0, description="0: greedy")
     top_p: float = 1.0
     top_k: StrictInt = Field(default=0, description="0: no top-k cut")
     seed: StrictInt | None = None
-    stop: list[str] = Field(default_factory=list, description="generation ends before the first of these strings")
+    stop: list[Text] = Field(default_factory=list, description="generation ends before the first of these strings")
     logprobs: StrictInt | None = Field(default=None, description="the chosen token's logprob and this many "
                                                                 "alternatives per token")
     stream: bool = False
@@ -127,17 +166,17 @@ class AdapterUnmerged(BaseModel):
 class CombineSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(description="an adapter of the caller's tenant; its newest version is read")
+    id: AdapterIdText = Field(description="an adapter of the caller's tenant; its newest version is read")
     weight: float = Field(default=1.0, description="its delta is scaled by this (any finite number)")
 
 
 class CombineRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapter_id: str = Field(description="the new adapter's id (it must not exist yet)")
+    adapter_id: AdapterIdText = Field(description="the new adapter's id (it must not exist yet)")
     sources: list[CombineSource] = Field(max_length=64)
-    method: str = Field(default="linear", description="linear: exact, the ranks concatenated; svd: the summed "
-                                                      "delta truncated to `rank`")
+    method: Text = Field(default="linear", description="linear: exact, the ranks concatenated; svd: the summed "
+                                                       "delta truncated to `rank`")
     rank: StrictInt | None = Field(default=None, description="svd only: the result's rank")
 
 

@@ -1,6 +1,7 @@
 """Real servers in subprocesses (each loads the demo in a few seconds), each started when first needed:
 
-- `server`: two tenants by API key (acme: an admin and a user key; globex: an admin key), small limits to test.
+- `server`: two tenants by API key (acme: an admin and a user key; globex: an admin key), small limits to test
+  (each tenant may have MAX_PENDING_PER_TENANT requests unfinished: more than any other test sends at once).
 - `small_server`: open (no keys), one sequence at a time and a queue of two, for the queue, disconnect and timing tests.
 - `drain_server`: open, one sequence at a time; test_drain sends it SIGTERM.
 - `merge_server`: the same keys as `server`, with `--merge-policy manual` (merges on request).
@@ -25,6 +26,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_UPLOAD_BYTES = 1 << 20
 MAX_NEW_TOKENS_LIMIT = 200
 SMALL_MAX_PENDING = 2
+MAX_PENDING_PER_TENANT = 24
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +48,8 @@ def server(api_root) -> Iterator[ServerProcess]:
     keys_file = api_root / "keys.json"
     keys_file.write_text(json.dumps(KEYS))
     yield from _serve(api_root / "main", "--api-keys", str(keys_file), "--max-body-bytes", str(MAX_BODY_BYTES),
-                      "--max-upload-bytes", str(MAX_UPLOAD_BYTES), "--max-new-tokens-limit", str(MAX_NEW_TOKENS_LIMIT))
+                      "--max-upload-bytes", str(MAX_UPLOAD_BYTES), "--max-new-tokens-limit", str(MAX_NEW_TOKENS_LIMIT),
+                      "--max-pending-per-tenant", str(MAX_PENDING_PER_TENANT))
 
 
 @pytest.fixture(scope="session")

@@ -1,18 +1,33 @@
 """Every limit, with a clear JSON error: body and upload size, prompt length against the model's maximum, the cap on
-new tokens, the bounded queue (429 + Retry-After), and routes that do not exist."""
+new tokens, the bounded queue (429 + Retry-After) and each tenant's bounded share of it, and routes that do not
+exist."""
 
+import argparse
 import threading
+from pathlib import Path
 
 import openai
 import pytest
 
+from adapters_store import StoreLimits
+from server.api.loading import ServeTarget
+from server.api.serve import add_serve_arguments
 from server.demo import tasks
-from tests.api.conftest import ACME_ADMIN, MAX_BODY_BYTES, MAX_NEW_TOKENS_LIMIT, MAX_UPLOAD_BYTES, SMALL_MAX_PENDING
+from server.engine.setup import EngineOptions
+from tests.api.conftest import (
+    ACME_ADMIN,
+    MAX_BODY_BYTES,
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_PENDING_PER_TENANT,
+    MAX_UPLOAD_BYTES,
+    SMALL_MAX_PENDING,
+)
 from tests.api.helpers import (
     LONG_MAX_NEW_TOKENS,
     LONG_PROMPT,
     adapter_files,
     error_of,
+    expected,
     generate,
     metrics,
     num_unfinished,
@@ -54,8 +69,8 @@ def test_an_upload_over_the_limit_is_413(acme):
     assert acme.post("/v1/adapters", data={"adapter_id": "too-big"}, files=whole_body).status_code == 413
     after = metrics(acme)
     name = "lora_server_adapter_uploads_total"
-    assert value(after, name, result="too_large") - value(before, name, result="too_large") == 1, \
-        "the second never reached the route: the middleware refused it from its Content-Length"
+    assert value(after, name, result="too_large") - value(before, name, result="too_large") == 2, \
+        "the second never reached the route (the gate refused it from its Content-Length), and is counted all the same"
 
 
 def test_a_prompt_over_the_models_length_is_400(server, acme):
@@ -103,3 +118,38 @@ def test_a_full_queue_is_429_with_retry_after(small):
     assert [r.json()["finish_reason"] for r in results] == ["length"] * SMALL_MAX_PENDING
     assert small.post("/v1/generate", json={"prompt": tasks.make_prompt("x")}).status_code == 200, "room again"
 
+
+def test_a_tenant_at_its_bound_is_429_while_another_tenant_gets_in(acme, globex):
+    held = []
+    # One request of many prompts: every one is queued at the same moment, so all are unfinished together.
+    holder = threading.Thread(target=lambda: held.append(acme.post("/v1/completions", json={
+        "model": "demo", "prompt": [LONG_PROMPT] * MAX_PENDING_PER_TENANT, "max_tokens": LONG_MAX_NEW_TOKENS,
+        "temperature": 0})))
+    holder.start()
+    wait_for(lambda: num_unfinished(acme) >= MAX_PENDING_PER_TENANT)
+    refused, admitted = generate(acme), generate(globex)
+    holder.join()
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert error_of(refused)["type"] == "rate_limit_error"
+    assert "tenant 'acme'" in error_of(refused)["message"]
+    assert f"limit per tenant is {MAX_PENDING_PER_TENANT}" in error_of(refused)["message"]
+    assert admitted.status_code == 200 and admitted.json()["text"] == expected(None)
+    assert held[0].status_code == 200
+    assert [c["finish_reason"] for c in held[0].json()["choices"]] == ["length"] * MAX_PENDING_PER_TENANT
+    assert generate(acme).status_code == 200, "room again"
+
+
+@pytest.mark.parametrize("argv, tenants, bound", [
+    ([], ("default",), 1024),  # an open server: its one tenant may use the whole queue
+    ([], ("acme", "globex"), 512),  # several: half, so no tenant can lock the others out
+    (["--max-pending", "3"], ("acme", "globex"), 1),
+    (["--max-pending-per-tenant", "7"], ("acme", "globex"), 7),
+])
+def test_the_per_tenant_bound_is_all_of_the_queue_for_one_tenant_and_half_for_several(argv, tenants, bound):
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    target = ServeTarget(model_dir=None, model_name=None, store_dir=Path("unused"), engine_options=EngineOptions(),
+                         store_limits=StoreLimits(), max_pending=args.max_pending, tenants=tenants,
+                         max_pending_per_tenant=args.max_pending_per_tenant)
+    assert target.resolved_max_pending_per_tenant == bound
