@@ -3,11 +3,16 @@ unmerge it. Admins only.
 
 While an adapter is merged its requests run with no LoRA term at all (as fast as the base model), and every other
 request in the same batch, base-only ones included, still gets exactly its own output (the engine subtracts the merged
-delta for them). At most one adapter is merged at a time: merging another unmerges the first. The switch happens
-between two engine steps, once the adapter is on the device; `POST` answers when it is done.
+delta for them). At most one adapter is merged at a time: merging another of the tenant's adapters unmerges the first.
+The switch happens between two engine steps, once the adapter is on the device; `POST` answers when it is done.
 
-Refusals are 409s naming the reason: the policy is not manual, the adapter is not the merged one, an NF4 base's dense
-copies would be over `--merge-budget-bytes`, the adapter failed to load.
+A merge changes every tenant's speed, so it is first come, first served across tenants: while one tenant's adapter is
+merged (or being merged), another tenant's merge is refused, and the refusal names neither that tenant nor its adapter.
+Who may merge at all is the operator's choice: `--merge-policy manual` hands it to the tenants' admins.
+
+Refusals are 409s (code `merge_refused`) naming the reason: the policy is not manual, the adapter is not the merged
+one, another tenant's adapter is merged, an NF4 base's dense copies would be over `--merge-budget-bytes`, the adapter
+failed to load.
 """
 
 import asyncio

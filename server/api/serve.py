@@ -4,7 +4,13 @@
     lora-server serve --model DIR --api-keys keys.json --quantize nf4 --store /var/lib/lora-server
 
 SIGTERM or SIGINT drains: new requests get 503 (and /ready turns red) while those in flight finish, for up to
---drain-timeout seconds; then the rest are aborted and the process exits 0. A second signal exits at once.
+--drain-timeout seconds; then the rest are aborted and the process exits 0. A second signal exits at once, and so does
+a first one while the model is still loading (0: a stop is not a failure).
+
+Slow clients: a request's headers must arrive within --header-timeout seconds (of the connection opening, or of the
+request's first byte on a kept-alive connection), and its whole body within --body-timeout seconds after them; a slower
+client gets a JSON 408 and its connection is closed. A request waiting on its client for its body does not hold a
+drain: when the drain ends, a body still arriving is cut short with a 503.
 """
 
 import argparse
@@ -25,6 +31,7 @@ from kernels.lora_ops import LORA_BACKENDS
 from server.api.app import create_app
 from server.api.auth import DEFAULT_TENANT, ApiKeys, ApiKeysError
 from server.api.config import ApiConfig
+from server.api.header_timeout import with_header_timeout
 from server.api.loading import ServeTarget, open_served
 from server.api.state import ServerState
 from server.engine.merge_control import MERGE_MODES
@@ -87,6 +94,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                       help='JSON {"keys": [{"key", "tenant", "role": "admin"|"user"}]}; without it the server is open')
     http.add_argument("--max-pending", type=int, default=1024,
                       help="requests queued or running at once; more get 429 with Retry-After")
+    http.add_argument("--max-pending-per-tenant", type=int, default=None,
+                      help="the same for each tenant's own requests (default: --max-pending when the server has one "
+                           "tenant, half of it when it has several, so no tenant can lock the others out)")
+    http.add_argument("--max-prompts-per-request", type=int, default=defaults.max_prompts_per_request,
+                      help="prompts in one /v1/completions request (each is queued as its own request)")
     http.add_argument("--max-body-bytes", type=byte_size, default=defaults.max_body_bytes)
     http.add_argument("--max-upload-bytes", type=byte_size, default=defaults.max_upload_bytes,
                       help="per adapter file")
@@ -95,6 +107,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                       help="for /v1/generate requests that give none")
     http.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout_s,
                       help="seconds in-flight requests get to finish after SIGTERM")
+    http.add_argument("--header-timeout", type=float, default=defaults.header_timeout_s,
+                      help="seconds a client gets to send a request's headers; slower gets 408 and a closed connection")
+    http.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
+                      help="seconds a client gets to send a request's whole body after its headers (raise it for big "
+                           "adapter uploads over slow links); slower gets 408 and a closed connection")
     http.add_argument("--health-stall-seconds", type=float, default=defaults.health_stall_s,
                       help="/health turns red when the engine loop has made no progress for this long")
     http.add_argument("--metrics-top-adapters", type=int, default=defaults.metrics_top_adapters,
@@ -142,10 +159,14 @@ def run_serve(args: argparse.Namespace) -> int:
         config = ApiConfig(max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
                            max_new_tokens_limit=args.max_new_tokens_limit,
                            default_max_new_tokens=args.default_max_new_tokens, drain_timeout_s=args.drain_timeout,
-                           health_stall_s=args.health_stall_seconds, metrics_top_adapters=args.metrics_top_adapters)
+                           max_prompts_per_request=args.max_prompts_per_request,
+                           health_stall_s=args.health_stall_seconds, metrics_top_adapters=args.metrics_top_adapters,
+                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
         keys = None if args.api_keys is None else ApiKeys.load(args.api_keys)
         options = engine_options(args)
-        store_limits = StoreLimits(max_file_bytes=args.max_upload_bytes)
+        store_limits = StoreLimits(max_file_bytes=args.max_upload_bytes, max_rank=args.max_lora_rank)
+        if args.max_pending < 1 or (args.max_pending_per_tenant is not None and args.max_pending_per_tenant < 1):
+            raise ValueError("--max-pending and --max-pending-per-tenant must be positive")
         if args.model is not None and not (args.model / "config.json").is_file():
             raise ValueError(f"--model {args.model}: not a checkpoint directory (it has no config.json)")
     except (ValueError, ApiKeysError) as error:
@@ -159,6 +180,7 @@ def run_serve(args: argparse.Namespace) -> int:
     target = ServeTarget(model_dir=args.model, model_name=args.served_model_name,
                          store_dir=args.store or default_store_dir(), engine_options=options,
                          store_limits=store_limits, max_pending=args.max_pending,
+                         max_pending_per_tenant=args.max_pending_per_tenant,
                          tenants=tuple(keys.tenants) if keys else (DEFAULT_TENANT,))
 
     disable_created_metrics()  # no `_created` twin for every counter: half the lines, nothing Prometheus needs
@@ -171,8 +193,10 @@ def run_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app = create_app(config, keys, lambda: open_served(target), on_load_failure)
+    # h11 always (never httptools, if installed): the header timeout is a subclass of uvicorn's h11 protocol.
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
-                                    access_log=not args.no_access_log, timeout_graceful_shutdown=GRACEFUL_CLOSE_S)
+                                    access_log=not args.no_access_log, timeout_graceful_shutdown=GRACEFUL_CLOSE_S,
+                                    http=with_header_timeout(config.header_timeout_s))
     server = DrainingServer(uvicorn_config, app.state.server)
     server.run()
     return 1 if failure else 0
@@ -194,15 +218,19 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._loop is None or self._drain_requested or self.state.served is None:
-            # Not started, still loading, or a second signal: stop now.
-            logger.info("%s: stopping now", signal.Signals(sig).name)
-            self.force_exit = self._drain_requested
-            self.should_exit = True
+        name = signal.Signals(sig).name
+        if self._drain_requested:
+            logger.info("%s again: stopping now", name)
+            self.force_exit = True
+        elif self._loop is None or self.state.served is None:
+            # Not started, still loading, or the load failed: nothing to drain. The load's thread is left behind.
+            logger.info("%s before the model was loaded: stopping now", name)
+        else:
+            self._drain_requested = True
+            logger.info("%s: draining (up to %.0f s)", name, self.state.config.drain_timeout_s)
+            self._loop.call_soon_threadsafe(self._start_drain)
             return
-        self._drain_requested = True
-        logger.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.state.config.drain_timeout_s)
-        self._loop.call_soon_threadsafe(self._start_drain)
+        self.should_exit = True
 
     def _start_drain(self) -> None:
         self._drain_task = asyncio.get_running_loop().create_task(self._drain())

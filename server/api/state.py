@@ -1,10 +1,12 @@
 """The server's one state object: what it serves once loaded, and its lifecycle (loading -> ready -> draining).
 
 The model loads on a worker thread after the HTTP port is open, so /health and /ready answer during a long load;
-requests that need the model get a 503 until then."""
+requests that need the model get a 503 until then. A stop (SIGTERM) during the load is not a failure: the server stops
+serving at once, what the load brings is closed when it ends, and the process exits 0."""
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,30 +67,53 @@ class ServerState:
         self.served: Served | None = None
         self.load_error: BaseException | None = None
         self.draining = False
-        self.num_in_flight = 0  # HTTP requests being handled (the middleware counts them)
+        self.num_in_flight = 0  # HTTP requests being handled, not waiting on their client (the middleware counts them)
+        self.bodies_cut = asyncio.Event()  # set when a drain ends: bodies still arriving are cut short (a 503)
         self.upload_lock = asyncio.Lock()  # uploads of one server run one at a time (see routes_adapters)
         self.metrics = ApiMetrics(config.metrics_top_adapters, self.engine_stats, self._num_stored_versions)
         self._loader = loader
         self._on_load_failure = on_load_failure
-        self._load_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._load_thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # between the loader thread handing over what it loaded and close()
+        self._closed = False
 
     # ---------------------------------------------------------------- lifecycle
 
     def start_loading(self) -> None:
-        self._load_task = asyncio.get_running_loop().create_task(self._load())
+        """Load on a thread of its own. Not asyncio.to_thread: the result must reach the state even if the loop has
+        stopped meanwhile, so that one side closes it. Not a daemon: a load cannot be interrupted part-way, and tearing
+        the interpreter down under it crashes the process (torch's threads), so the process exits once it ends."""
+        self._loop = asyncio.get_running_loop()
+        self._load_thread = threading.Thread(target=self._load, name="model-loader")
+        self._load_thread.start()
 
-    async def _load(self) -> None:
+    def _load(self) -> None:  # on the loader thread
         started = time.monotonic()
         try:
-            self.served = await asyncio.to_thread(self._loader)
+            served = self._loader()
         except BaseException as error:  # reported, then the server exits
             self.load_error = error
+            if self._closed:
+                logger.info("loading the model failed after the server stopped: %s", error)
+                return
             expected = isinstance(error, ModelConfigError | StoreLocked | AdapterError | OSError | ValueError)
-            logger.error("loading the model failed: %s", error, exc_info=not expected)
+            logger.error("loading the model failed: %s", str(error) or type(error).__name__, exc_info=not expected)
             if self._on_load_failure is not None:
-                self._on_load_failure(error)
+                try:
+                    self._loop.call_soon_threadsafe(self._on_load_failure, error)
+                except RuntimeError:  # the loop has closed: the server has stopped already
+                    pass
             return
-        logger.info("ready: serving %s (loaded in %.1f s)", self.served.model_name, time.monotonic() - started)
+        with self._lock:  # either close() sees it, or it sees close(): whoever comes second closes it
+            stopped = self._closed
+            if not stopped:
+                self.served = served
+        if stopped:
+            served.close()
+            logger.info("closed the model that finished loading after the server stopped")
+            return
+        logger.info("ready: serving %s (loaded in %.1f s)", served.model_name, time.monotonic() - started)
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop taking requests (503), let those in flight finish for up to `timeout_s`, then abort the rest.
@@ -102,6 +127,7 @@ class ServerState:
             logger.warning("drain timeout: aborting %d requests still in flight", self.num_in_flight)
             self.served.engine.shutdown()  # every stream gets its last delta ("abort"), so responses can end
             await self._wait_in_flight(ABORTED_FLUSH_S)
+        self.bodies_cut.set()  # no one waits for them: a client still sending its body gets a 503 and is closed
         logger.info("drained%s", "" if finished else " (some requests were aborted)")
         return finished
 
@@ -112,9 +138,14 @@ class ServerState:
         return self.num_in_flight == 0
 
     def close(self) -> None:
-        if self.served is not None:
-            self.served.close()
-            self.served = None
+        with self._lock:
+            self._closed = True
+            served, self.served = self.served, None
+        if served is not None:
+            served.close()
+        elif self._load_thread is not None and self._load_thread.is_alive():
+            logger.info("stopped while loading the model: the process exits when the load in progress ends (it "
+                        "cannot be interrupted part-way)")
 
     # ---------------------------------------------------------------- for routes
 

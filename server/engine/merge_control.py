@@ -34,7 +34,8 @@ MERGE_MODES = ("off", "manual", "auto")
 
 
 class MergeRefused(RuntimeError):
-    """A merge or unmerge the engine will not do as asked (policy off or auto, nothing merged, a load failed)."""
+    """A merge or unmerge the engine will not do as asked (policy off or auto, nothing merged, a load failed, another
+    tenant's adapter merged)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ class MergeControl:
             done.set_exception(MergeRefused("this engine serves no adapters"))
         elif key == self.merged_key:
             done.set_result(None)
+        elif self._is_held_by_another_tenant(key.tenant):
+            # A merge slows every other adapter's requests a little, and a tenant may not undo another's choice; who
+            # holds it stays unsaid (tenants learn nothing of each other).
+            done.set_exception(MergeRefused("another tenant's adapter is merged (or being merged); try again once it "
+                                            "is unmerged"))
         else:
             self._start_merge(key, done)
         return done
@@ -95,6 +101,10 @@ class MergeControl:
         if self.merged_key is None or self.merged_key.lineage != (tenant, adapter_id):
             raise MergeRefused(f"adapter {adapter_id!r} is not merged")
         self._unmerge()
+
+    def _is_held_by_another_tenant(self, tenant: str) -> bool:
+        holders = [self.merged_key, self._pending[0] if self._pending is not None else None]
+        return any(holder is not None and holder.tenant != tenant for holder in holders)
 
     def after_step(self, batch: ScheduledBatch | None) -> None:
         """Called by the engine after each step (batch None: nothing ran): feed the policy, carry out what is due."""

@@ -1,14 +1,19 @@
 """The server's lifecycle without the model: a drain that runs out of time aborts what is left; a store that is
-already open stops a second server with a clear message and exit status 1."""
+already open stops a second server with a clear message and exit status 1; a SIGTERM while the model loads stops it
+with exit status 0."""
 
 import asyncio
 import os
 import subprocess
 import sys
+import time
+
+import httpx
+import pytest
 
 from server.api.config import ApiConfig
 from server.api.state import Served, ServerState
-from tests.api.server_process import ROOT, free_port
+from tests.api.server_process import ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port
 
 
 class FakeEngine:
@@ -46,3 +51,29 @@ def test_a_second_server_on_an_open_store_exits_1_saying_why(server):
     assert done.returncode == 1
     assert f"adapter store {server.store_dir} is already open" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sigterm_while_the_model_loads_exits_0_saying_so(tmp_path):
+    server = ServerProcess(tmp_path)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:  # the port opens before the model loads (the demo takes a few seconds): signal at the first 503
+            assert server.process.poll() is None and time.monotonic() < deadline, server.log()
+            try:
+                status = httpx.get(f"{server.url}/ready", timeout=1).status_code
+            except httpx.TransportError:
+                time.sleep(0.01)
+                continue
+            if status == 200:
+                pytest.skip("the model loaded before the port answered: nothing to interrupt")
+            break
+        server.terminate()
+        returncode = server.process.wait(timeout=30)
+    finally:
+        server.stop()
+    log = server.log_path.read_text(errors="replace")
+    if "ready: serving" in log:
+        pytest.skip("the model finished loading before the signal took effect")
+    assert returncode == 0, log
+    assert "SIGTERM before the model was loaded: stopping now" in log and "stopped while loading the model" in log
+    assert "loading the model failed" not in log and "Traceback" not in log, log

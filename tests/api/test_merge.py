@@ -1,7 +1,8 @@
 """Merging and combining adapters over HTTP: a merge changes no one's greedy output (the merged adapter's, another
 adapter's, the base model's, sent together so they share batches), /metrics and GET /v1/adapters/{id} follow the
-switches; refusals are 409 (policy not manual, not merged), 403 (a user key) and 404 (another tenant's adapter);
-a combined adapter generates what its sources say, and bad combine requests are 400s naming the field."""
+switches; refusals are 409 (policy not manual, not merged, another tenant's adapter merged: named to no one), 403 (a
+user key) and 404 (another tenant's adapter); a combined adapter generates what its sources say, and bad combine
+requests are 400s naming the field."""
 
 import argparse
 from collections.abc import Iterator
@@ -133,6 +134,37 @@ def test_another_tenants_adapter_is_a_404(admin, other_tenant):
                                            json={"adapter_id": "stolen", "sources": [{"id": adapter}]})):
             assert response.status_code == 404, response.text
     assert other_tenant.get("/v1/adapters/stolen").status_code == 404, "nothing was stored"
+
+
+def test_a_tenant_cannot_unmerge_another_tenants_merge_by_merging_its_own(admin, other_tenant):
+    cases = [(admin, "acme", "upper", other_tenant, "title"), (other_tenant, "globex", "title", admin, "upper")]
+    for holder, holder_tenant, holder_adapter, other, other_adapter in cases:
+        assert holder.post(f"/v1/adapters/{holder_adapter}/merge", timeout=MERGE_TIMEOUT_S).status_code == 200
+        try:
+            refused = other.post(f"/v1/adapters/{other_adapter}/merge", timeout=MERGE_TIMEOUT_S)
+            assert refused.status_code == 409, refused.text
+            error = error_of(refused)
+            assert error["type"] == "conflict_error" and "another tenant's adapter" in error["message"], error
+            assert holder_tenant not in refused.text and holder_adapter not in refused.text, refused.text
+            # The holder's view: still merged. The other tenant's: its adapter is not. (GET reads the engine's last
+            # step, which may trail the merge's answer by one step.)
+            wait_for(lambda client=holder, path=f"/v1/adapters/{holder_adapter}": client.get(path).json()["merged"])
+            assert other.get(f"/v1/adapters/{other_adapter}").json()["merged"] is False
+            assert other.delete(f"/v1/adapters/{holder_adapter}/merge").status_code == 409, "its own, unmerged"
+        finally:
+            assert holder.delete(f"/v1/adapters/{holder_adapter}/merge").status_code == 200
+        wait_for(lambda: merged_mode_is(admin, 0))
+
+
+def test_a_tenant_may_replace_its_own_merged_adapter(admin):
+    assert admin.post("/v1/adapters/upper/merge", timeout=MERGE_TIMEOUT_S).status_code == 200
+    try:
+        assert admin.post("/v1/adapters/title/merge", timeout=MERGE_TIMEOUT_S).status_code == 200
+        wait_for(lambda: admin.get("/v1/adapters/title").json()["merged"] is True)
+        assert admin.get("/v1/adapters/upper").json()["merged"] is False
+    finally:
+        assert admin.delete("/v1/adapters/title/merge").status_code == 200
+    wait_for(lambda: merged_mode_is(admin, 0))
 
 
 def test_deleting_the_merged_adapter_unmerges_it(admin):
