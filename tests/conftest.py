@@ -17,6 +17,16 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak-seconds", type=float, default=90.0,
+                     help="how long tests/api/test_soak.py runs its mixed load (default: 90)")
+
+
+@pytest.fixture
+def soak_seconds(request: pytest.FixtureRequest) -> float:
+    return request.config.getoption("--soak-seconds")
+
+
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> random.Random:
     """A random.Random with a fresh seed; a failing test's report shows it ("Captured seed")."""
