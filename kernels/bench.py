@@ -3,6 +3,7 @@
     python -m kernels.bench            # Llama-7B/8B shapes on CUDA; a tiny table on a machine without it
     python -m kernels.bench --quick    # o, qkv 8B and gate_up 8B at rank 16 only
     python -m kernels.bench --ranks 16 --batches 1 64 --popularity distinct zipf --layers qkv --dtype float16
+    python -m kernels.bench --cpu-crossover --threads 1   # CPU: the torch backend's runs against its gathered form
 
 A row is a layer shape, one rank for every adapter and slice, an adapter popularity and a batch:
     decode:   `tokens` sequences of one token each
@@ -22,14 +23,14 @@ each layer's adapter weights arrive cold); host launch overhead is not included.
                    largest rank, into a [tokens, rank, in] ([tokens, rank, out]) tensor, then torch.bmm (adapters
                    stacked in that padded layout, scale folded into A, once at load time and not timed)
     speed-up       gather+bmm / triton, shrink + expand together
-    torch µs       the plain-torch backend (`kernels.lora_torch`), shrink + expand together
+    torch µs       the plain-torch backend (`apply_lora(backend="torch")`: runs on views), shrink + expand together
     GB/s, %bw      bytes the call must move at least, per second, and that over the bandwidth of a large device copy
                    measured in the same run (one read and one write per byte):
                        shrink: A rows of each distinct adapter in the batch, once + x + y (fp32)
                        expand: Bᵀ rows of each distinct adapter in the batch, once + y (fp32) + out, read and written
     dense µs       the base layer's x @ W; lora/dense = triton shrink + expand over it
-Without CUDA or Triton's interpreter the kernel columns time the torch backend instead, and say so. Before timing,
-every row checks that the kernels, the baseline and the torch backend compute the same LoRA term.
+Without CUDA or Triton's interpreter there are no Triton columns: GB/s and lora/dense time the torch backend.
+Before timing, every row checks that the kernels, the baseline and the torch backend compute the same LoRA term.
 The last lines set rank 16, 4096 -> 4096, distinct decode at batch 1 and 64 beside Punica's published SGMV figures
 (A100: 37 µs and 46 µs), and give the lowest %bw of any row with at least 64 tokens (target: 75%).
 """
@@ -43,8 +44,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.lora_batch import LoraBatch
-from kernels.lora_torch import lora_expand_torch, lora_shrink_torch, max_active_rank
+from kernels.lora_batch import GatheredTokens, LoraBatch
+from kernels.lora_gather import lora_gathered_torch
+from kernels.lora_ops import apply_lora
+from kernels.lora_torch import lora_runs_torch
+from kernels.lora_weights import LoraWeights
 
 # name: (in_features, output slices)
 LLAMA_LAYERS = {
@@ -144,16 +148,10 @@ class Setup:
     """One row's tensors: a row pool of `pool_size` slots placed out of order, and the batch's metadata."""
 
     x: torch.Tensor  # [num_tokens, in]
-    lora_a: torch.Tensor  # [num_slices, pool_size * rank, in]
-    lora_bt: torch.Tensor  # [pool_size * rank, out]
     dense_w: torch.Tensor  # [in, out]
     out: torch.Tensor  # [num_tokens, out]
     batch: LoraBatch
-    row_starts: list[int]
-    ranks: list[list[int]]
-    scales: list[list[float]]
-    slice_offsets: tuple[int, ...]
-    tables: dict[str, torch.Tensor]  # the same slot tables on the device, for the Triton kernels
+    weights: LoraWeights  # lora_a [num_slices, pool_size * rank, in], lora_bt [pool_size * rank, out], slot tables
     # The gather+bmm baseline's own layout of the same adapters (see `stack_for_gather_bmm`).
     token_slots: torch.Tensor  # [num_tokens] int64
     a_stack: torch.Tensor  # [pool_size, num_slices * max_rank, in], scale folded in
@@ -173,26 +171,18 @@ def make_setup(in_features: int, slice_sizes: tuple[int, ...], rank: int, token_
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=device, dtype=dtype) * 0.02
 
-    lora_a = randn(num_slices, pool_size * rank, in_features)
-    lora_bt = randn(pool_size * rank, out_features)
-    a_stack, bt_stack = stack_for_gather_bmm(lora_a, lora_bt, row_starts, ranks, scales, slice_offsets)
+    weights = LoraWeights(randn(num_slices, pool_size * rank, in_features), randn(pool_size * rank, out_features),
+                          slice_offsets, pool_size)
+    for slot in range(pool_size):
+        weights.set_slot(slot, row_starts[slot], ranks[slot], scales[slot])
+    a_stack, bt_stack = stack_for_gather_bmm(weights.lora_a, weights.lora_bt, row_starts, ranks, scales,
+                                             slice_offsets)
     return Setup(
         x=randn(len(token_slots), in_features),
-        lora_a=lora_a,
-        lora_bt=lora_bt,
         dense_w=randn(in_features, out_features),
         out=randn(len(token_slots), out_features),
         batch=LoraBatch.build(token_slots, device=device),
-        row_starts=row_starts,
-        ranks=ranks,
-        scales=scales,
-        slice_offsets=slice_offsets,
-        tables=dict(
-            slot_row_starts=torch.tensor(row_starts, dtype=torch.int32, device=device),
-            slot_ranks=torch.tensor(ranks, dtype=torch.int32, device=device),
-            slot_scales=torch.tensor(scales, dtype=torch.float32, device=device),
-            slice_offsets=torch.tensor(slice_offsets, dtype=torch.int32, device=device),
-        ),
+        weights=weights,
         token_slots=torch.tensor(token_slots, dtype=torch.int64, device=device),
         a_stack=a_stack,
         bt_stack=bt_stack,
@@ -253,22 +243,22 @@ def adapter_slots(s: Setup) -> set[int]:
 
 
 def y_values(s: Setup) -> int:
-    return sum(seg.num_tokens * sum(s.ranks[seg.slot]) for seg in s.batch.segments)
+    return sum(seg.num_tokens * sum(s.weights.ranks[seg.slot]) for seg in s.batch.segments)
 
 
 def shrink_bytes(s: Setup) -> int:
     elt = s.x.element_size()
-    a_values = sum(sum(s.ranks[slot]) for slot in adapter_slots(s)) * s.x.shape[1]  # every slice's rows
+    a_values = sum(sum(s.weights.ranks[slot]) for slot in adapter_slots(s)) * s.x.shape[1]  # every slice's rows
     x_values = sum(seg.num_tokens for seg in s.batch.segments) * s.x.shape[1]
     return (a_values + x_values) * elt + y_values(s) * 4
 
 
 def expand_bytes(s: Setup) -> int:
-    elt = s.out.element_size()
+    elt, offsets = s.out.element_size(), s.weights.slice_offsets
     bt_values = sum(
-        s.ranks[slot][k] * (s.slice_offsets[k + 1] - s.slice_offsets[k])
+        s.weights.ranks[slot][k] * (offsets[k + 1] - offsets[k])
         for slot in adapter_slots(s)
-        for k in range(len(s.slice_offsets) - 1)
+        for k in range(len(offsets) - 1)
     )
     out_values = sum(seg.num_tokens for seg in s.batch.segments) * s.out.shape[1]
     return (bt_values + 2 * out_values) * elt + y_values(s) * 4
@@ -318,44 +308,46 @@ class Row:
     phase: str
     num_tokens: int
     num_adapters: int
-    shrink_s: float  # the kernels under test
+    shrink_s: float  # the Triton kernels; NaN without them
     expand_s: float
     baseline_shrink_s: float  # gather+bmm
     baseline_expand_s: float
-    torch_s: float  # torch backend, shrink + expand; NaN where it is the kernel under test
+    torch_s: float  # the torch backend (`apply_lora`), shrink and expand together
     dense_s: float
     shrink_bytes: int
     expand_bytes: int
 
     @property
     def lora_s(self) -> float:
-        return self.shrink_s + self.expand_s
+        """The LoRA term through the backend under test: Triton's kernels where they ran, else the torch backend."""
+        triton_s = self.shrink_s + self.expand_s
+        return self.torch_s if triton_s != triton_s else triton_s  # NaN: Triton did not run
 
 
-def lora_fns(s: Setup, with_triton: bool) -> tuple[ShrinkFn, ExpandFn]:
-    """(shrink() -> y, expand(y, out)) of the kernels under test: Triton's, or else the torch backend's."""
-    if with_triton:
-        from kernels.lora_expand import lora_expand_triton
-        from kernels.lora_shrink import lora_shrink_triton
+def triton_fns(s: Setup) -> tuple[ShrinkFn, ExpandFn]:
+    """(shrink() -> y, expand(y, out)) of the Triton kernels."""
+    from kernels.lora_expand import lora_expand_triton
+    from kernels.lora_shrink import lora_shrink_triton
 
-        t, max_rank = s.tables, max_active_rank(s.batch, s.ranks)
-        return (
-            lambda: lora_shrink_triton(s.x, s.lora_a, s.batch, t["slot_row_starts"], t["slot_ranks"],
-                                       t["slot_scales"], max_rank),
-            lambda y, out: lora_expand_triton(y, s.lora_bt, out, s.batch, t["slot_row_starts"], t["slot_ranks"],
-                                              t["slice_offsets"]),
-        )
+    w = s.weights
     return (
-        lambda: lora_shrink_torch(s.x, s.lora_a, s.batch, s.row_starts, s.ranks, s.scales),
-        lambda y, out: lora_expand_torch(y, s.lora_bt, out, s.batch, s.row_starts, s.ranks, s.slice_offsets),
+        lambda: lora_shrink_triton(s.x, w.lora_a, s.batch, w.device_row_starts, w.device_ranks, w.device_scales,
+                                   w.max_rank),
+        lambda y, out: lora_expand_triton(y, w.lora_bt, out, s.batch, w.device_row_starts, w.device_ranks,
+                                          w.device_slice_offsets),
     )
 
 
+def torch_fn(s: Setup) -> Callable[[torch.Tensor], None]:
+    """out -> None: out += the LoRA term through the torch backend, as a layer calls it."""
+    return lambda out: apply_lora("torch", s.x, out, s.weights, s.batch)
+
+
 def baseline_fns(s: Setup) -> tuple[ShrinkFn, ExpandFn]:
-    num_slices = s.lora_a.shape[0]
+    num_slices = s.weights.num_slices
     return (
         lambda: gather_bmm_shrink(s.x, s.a_stack, s.token_slots, num_slices),
-        lambda y, out: gather_bmm_expand(y, s.bt_stack, out, s.token_slots, s.slice_offsets),
+        lambda y, out: gather_bmm_expand(y, s.bt_stack, out, s.token_slots, s.weights.slice_offsets),
     )
 
 
@@ -364,10 +356,9 @@ def check_agreement(s: Setup, with_triton: bool) -> None:
     table cannot pass for a speed-up. Compared on out = 0, against the torch backend."""
     candidates = {"gather+bmm": baseline_fns(s)}
     if with_triton:
-        candidates["triton"] = lora_fns(s, with_triton=True)
-    shrink, expand = lora_fns(s, with_triton=False)
+        candidates["triton"] = triton_fns(s)
     expected = torch.zeros_like(s.out)
-    expand(shrink(), expected)
+    torch_fn(s)(expected)
     expected = expected.float()
     # Half-precision rounding of y (baseline) and of out (all) stays within a few ulps of bf16: 2e-2 of the largest
     # value is far under the O(1) error of a token given another token's adapter.
@@ -382,22 +373,22 @@ def check_agreement(s: Setup, with_triton: bool) -> None:
 
 def bench_row(s: Setup, timer: Callable, with_triton: bool, **labels) -> Row:  # labels: Row's descriptive fields
     check_agreement(s, with_triton)
-    shrink, expand = lora_fns(s, with_triton)
-    y = shrink()
     baseline_shrink, baseline_expand = baseline_fns(s)
     baseline_y = baseline_shrink()
-    torch_s = float("nan")
+    shrink_s = expand_s = float("nan")
     if with_triton:
-        torch_shrink, torch_expand = lora_fns(s, with_triton=False)
-        torch_s = timer(lambda: torch_expand(torch_shrink(), s.out))
+        shrink, expand = triton_fns(s)
+        y = shrink()
+        shrink_s, expand_s = timer(shrink), timer(lambda: expand(y, s.out))
+    add_lora = torch_fn(s)
     return Row(
         **labels,
         num_adapters=len(adapter_slots(s)),
-        shrink_s=timer(shrink),
-        expand_s=timer(lambda: expand(y, s.out)),
+        shrink_s=shrink_s,
+        expand_s=expand_s,
         baseline_shrink_s=timer(baseline_shrink),
         baseline_expand_s=timer(lambda: baseline_expand(baseline_y, s.out)),
-        torch_s=torch_s,
+        torch_s=timer(lambda: add_lora(s.out)),
         dense_s=timer(lambda: s.x @ s.dense_w),
         shrink_bytes=shrink_bytes(s),
         expand_bytes=expand_bytes(s),
@@ -407,38 +398,39 @@ def bench_row(s: Setup, timer: Callable, with_triton: bool, **labels) -> Row:  #
 # ---------------------------------------------------------------- table
 
 
-def table_columns(kernel: str, with_torch: bool) -> list[tuple[str, list[tuple[str, int]]]]:
+def table_columns(with_triton: bool) -> list[tuple[str, list[tuple[str, int]]]]:
     """(group title, [(column name, width)]) in print order; the first group is left-aligned text."""
-    groups = [
-        ("", [("layer", 11), ("rank", 5), ("popularity", 11), ("phase", 8), ("tokens", 7), ("adapters", 9)]),
-        (f"{kernel} µs", [("shrink", 9), ("expand", 9)]),
-        ("gather+bmm µs", [("shrink", 9), ("expand", 9), ("speed-up", 9)]),
-    ]
-    if with_torch:
-        groups.append(("torch µs", [("sh+ex", 9)]))
+    groups = [("", [("layer", 11), ("rank", 5), ("popularity", 11), ("phase", 8), ("tokens", 7), ("adapters", 9)])]
+    if with_triton:
+        groups.append(("triton µs", [("shrink", 9), ("expand", 9)]))
     groups += [
-        (f"{kernel} shrink", [("GB/s", 9), ("%bw", 6)]),
-        (f"{kernel} expand", [("GB/s", 9), ("%bw", 6)]),
-        ("base layer", [("dense µs", 9), ("lora/dense", 11)]),
+        ("gather+bmm µs", [("shrink", 9), ("expand", 9), ("speed-up", 9)]),
+        ("torch µs", [("sh+ex", 9)]),
     ]
+    if with_triton:
+        groups += [("triton shrink", [("GB/s", 9), ("%bw", 6)]), ("triton expand", [("GB/s", 9), ("%bw", 6)])]
+    else:
+        groups.append(("torch sh+ex", [("GB/s", 9), ("%bw", 6)]))
+    groups.append(("base layer", [("dense µs", 9), ("lora/dense", 11)]))
     return groups
 
 
-def row_cells(r: Row, peak: float, with_torch: bool) -> list[list[str]]:
-    shrink_gbs, expand_gbs = r.shrink_bytes / r.shrink_s, r.expand_bytes / r.expand_s
+def row_cells(r: Row, peak: float, with_triton: bool) -> list[list[str]]:
     speed_up = (r.baseline_shrink_s + r.baseline_expand_s) / r.lora_s
-    cells = [
-        [r.layer, str(r.rank), r.popularity, r.phase, str(r.num_tokens), str(r.num_adapters)],
-        [_us(r.shrink_s), _us(r.expand_s)],
-        [_us(r.baseline_shrink_s), _us(r.baseline_expand_s), f"{speed_up:.2f}x"],
-    ]
-    if with_torch:
-        cells.append([_us(r.torch_s)])
+    cells = [[r.layer, str(r.rank), r.popularity, r.phase, str(r.num_tokens), str(r.num_adapters)]]
+    if with_triton:
+        cells.append([_us(r.shrink_s), _us(r.expand_s)])
     cells += [
-        [f"{shrink_gbs / 1e9:.1f}", f"{100 * shrink_gbs / peak:.1f}"],
-        [f"{expand_gbs / 1e9:.1f}", f"{100 * expand_gbs / peak:.1f}"],
-        [_us(r.dense_s), f"{r.lora_s / r.dense_s:.2f}"],
+        [_us(r.baseline_shrink_s), _us(r.baseline_expand_s), f"{speed_up:.2f}x"],
+        [_us(r.torch_s)],
     ]
+    if with_triton:
+        for num_bytes, seconds in ((r.shrink_bytes, r.shrink_s), (r.expand_bytes, r.expand_s)):
+            cells.append([f"{num_bytes / seconds / 1e9:.1f}", f"{100 * num_bytes / seconds / peak:.1f}"])
+    else:
+        bps = (r.shrink_bytes + r.expand_bytes) / r.torch_s
+        cells.append([f"{bps / 1e9:.1f}", f"{100 * bps / peak:.1f}"])
+    cells.append([_us(r.dense_s), f"{r.lora_s / r.dense_s:.2f}"])
     return cells
 
 
@@ -457,7 +449,7 @@ def run(config: BenchConfig) -> list[Row]:
     print(f"device: {device_name}, dtype: {config.dtype}, measured copy bandwidth: {peak / 1e9:.0f} GB/s, "
           f"adapter pool: {config.pool}")
     kernel = "triton" if config.with_triton else "torch"
-    groups = table_columns(kernel, with_torch=config.with_triton)
+    groups = table_columns(config.with_triton)
     widths = [sum(width for _, width in columns) for _, columns in groups]
     print(" |".join(title.center(width) for (title, _), width in zip(groups, widths, strict=True)))
     print(render(groups, [[name for name, _ in columns] for _, columns in groups]))
@@ -476,7 +468,7 @@ def run(config: BenchConfig) -> list[Row]:
                                        config.device)
                         row = bench_row(s, timer, config.with_triton, layer=layer, rank=rank, popularity=popularity,
                                         phase=phase, num_tokens=num_tokens)
-                        print(render(groups, row_cells(row, peak, with_torch=config.with_triton)), flush=True)
+                        print(render(groups, row_cells(row, peak, config.with_triton)), flush=True)
                         rows.append(row)
                         del s
     print_summary(rows, config, kernel, peak)
@@ -508,14 +500,82 @@ def print_summary(rows: list[Row], config: BenchConfig, kernel: str, peak: float
     def label(r: Row) -> str:
         return f"{r.layer} rank {r.rank} {r.popularity} {r.phase} {r.num_tokens}"
 
-    per_call = [(b / t, op, r) for r in big for op, b, t in (("shrink", r.shrink_bytes, r.shrink_s),
-                                                                ("expand", r.expand_bytes, r.expand_s))]
+    if config.with_triton:
+        per_call = [(b / t, op, r) for r in big for op, b, t in (("shrink", r.shrink_bytes, r.shrink_s),
+                                                                    ("expand", r.expand_bytes, r.expand_s))]
+    else:  # the torch backend runs shrink and expand together
+        per_call = [((r.shrink_bytes + r.expand_bytes) / r.torch_s, "sh+ex", r) for r in big]
     worst_bps, worst_op, worst = min(per_call, key=lambda item: item[0])
     together = min(big, key=lambda r: (r.shrink_bytes + r.expand_bytes) / r.lora_s)
     together_bps = (together.shrink_bytes + together.expand_bytes) / together.lora_s
     print(f"lowest % of copy bandwidth at >= {BANDWIDTH_TARGET_TOKENS} tokens ({kernel}; target "
           f"{100 * BANDWIDTH_TARGET:.0f}%): one call {100 * worst_bps / peak:.1f}% ({worst_op}, {label(worst)}); "
           f"shrink + expand together {100 * together_bps / peak:.1f}% ({label(together)})")
+
+
+# ---------------------------------------------------------------- CPU: runs on views against the gathered form
+
+CROSSOVER_HIDDEN = (1024, 4096)
+CROSSOVER_RUN_LENS = (1, 2, 4, 8, 16, 32, 64)
+CROSSOVER_NUM_RUNS = (4, 16, 64)
+# The gathered form copies every token's adapter rows: past this many bytes of copies it is not timed (it is many
+# times slower than runs long before that, and at hidden 4096 a few hundred tokens would copy gigabytes).
+CROSSOVER_MAX_GATHERED_BYTES = 128 << 20
+
+
+def crossover(hidden_sizes: tuple[int, ...], rank: int, dtype: torch.dtype, cpu_runs: int) -> None:
+    """For the torch backend on CPU: time one qkv call as runs on views (`kernels.lora_torch`) and as one gathered
+    set (`kernels.lora_gather`), for batches of `num_runs` runs of `run_len` tokens, each run a distinct adapter."""
+    timer = make_timer(torch.device("cpu"), cpu_runs)
+    print(f"CPU crossover: one qkv layer (hidden -> hidden + 2 × hidden/4, Llama-3's GQA ratio), rank {rank} on "
+          f"every slice, {dtype}, {torch.get_num_threads()} thread(s); µs per call, median of {cpu_runs}")
+    header = (f"{'hidden':>7}{'run len':>8}{'runs':>6}{'tokens':>7} |{'runs µs':>10}{'gathered µs':>12}"
+              f"{'gath/runs':>10} |{'dense µs':>10}{'runs/dense':>11}{'gath/dense':>11}")
+    print(header)
+    print("-" * len(header))
+    wins: dict[tuple[int, int], list[int]] = {}  # (hidden, num_runs) -> run lengths where gathering was faster
+    for hidden in hidden_sizes:
+        for num_runs in CROSSOVER_NUM_RUNS:
+            for run_len in CROSSOVER_RUN_LENS:
+                runs_s, gathered_s, dense_s = crossover_times(hidden, run_len, num_runs, rank, dtype, timer)
+                if gathered_s < runs_s:
+                    wins.setdefault((hidden, num_runs), []).append(run_len)
+                print(f"{hidden:>7}{run_len:>8}{num_runs:>6}{num_runs * run_len:>7} |{_us(runs_s):>10}"
+                      f"{_us(gathered_s):>12}{gathered_s / runs_s:>10.2f} |{_us(dense_s):>10}"
+                      f"{runs_s / dense_s:>11.2f}{gathered_s / dense_s:>11.2f}", flush=True)
+    for hidden in hidden_sizes:
+        for num_runs in CROSSOVER_NUM_RUNS:
+            lens = wins.get((hidden, num_runs), [])
+            print(f"hidden {hidden}, {num_runs} runs: gathered faster at run lengths {lens or 'none'}")
+
+
+def crossover_times(hidden: int, run_len: int, num_runs: int, rank: int, dtype: torch.dtype,
+                    timer: Callable) -> tuple[float, float, float]:
+    """Seconds per call: (runs on views, the gathered form or NaN past the bytes cap, the dense qkv matmul)."""
+    pool_size = max(num_runs, 64)
+    run_slots = torch.randperm(pool_size)[:num_runs].tolist()  # every run its own adapter
+    token_slots = [slot for slot in run_slots for _ in range(run_len)]
+    s = make_setup(hidden, (hidden, hidden // 4, hidden // 4), rank, token_slots, pool_size, dtype,
+                   torch.device("cpu"))
+    runs_s = timer(lambda: lora_runs_torch(s.x, s.out, s.weights, s.batch.segments))
+    gathered_s = float("nan")
+    gathered_bytes = len(token_slots) * rank * (3 * hidden + hidden + hidden // 2) * s.x.element_size()
+    if gathered_bytes <= CROSSOVER_MAX_GATHERED_BYTES:
+        gathered = s.batch.split_runs(run_len).gathered
+        check_gathered_agrees(s, gathered)
+        gathered_s = timer(lambda: lora_gathered_torch(s.x, s.out, s.weights, gathered))
+    return runs_s, gathered_s, timer(lambda: s.x @ s.dense_w)
+
+
+def check_gathered_agrees(s: Setup, gathered: GatheredTokens) -> None:
+    """Both forms add the same term, so that a wrong gather cannot pass for a speed-up."""
+    by_runs, by_gather = torch.zeros_like(s.out), torch.zeros_like(s.out)
+    lora_runs_torch(s.x, by_runs, s.weights, s.batch.segments)
+    lora_gathered_torch(s.x, by_gather, s.weights, gathered)
+    tolerance = (1e-4 if s.out.dtype == torch.float32 else 2e-2) * by_runs.abs().max().item()
+    error = (by_runs.float() - by_gather.float()).abs().max().item()
+    if not error <= tolerance:
+        raise RuntimeError(f"the gathered form disagrees with the run form: max error {error:.3g} > {tolerance:.3g}")
 
 
 def _us(seconds: float) -> str:
@@ -555,8 +615,19 @@ def main() -> None:
     parser.add_argument("--popularity", nargs="+", choices=POPULARITIES, default=list(POPULARITIES))
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--pool", type=int, default=64, help="loaded adapters to draw from (default: 64)")
+    parser.add_argument("--cpu-crossover", action="store_true",
+                        help="instead of the table: the torch backend's run form against its gathered form, on CPU")
+    parser.add_argument("--hidden", nargs="+", type=int, default=list(CROSSOVER_HIDDEN),
+                        help=f"hidden sizes for --cpu-crossover (default: {_ints(CROSSOVER_HIDDEN)})")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_crossover:
+        crossover(tuple(args.hidden), (args.ranks or [PUNICA_RANK])[0], getattr(torch, args.dtype or "float32"),
+                  cpu_runs=9)
+        return
 
     if torch.cuda.is_available():
         device, with_triton, peak_bytes, dtype = torch.device("cuda"), True, 1 << 30, args.dtype or "bfloat16"

@@ -1,10 +1,16 @@
-"""Per-batch LoRA metadata: which adapter slot each token uses, grouped into segments.
+"""Per-step LoRA metadata: which adapter slot each token uses, as *runs* of consecutive tokens of one slot.
 
-Built once per forward pass and shared by every LoRA layer. A *slot* is where an adapter's weights sit in each
-layer's row pool (see `kernels.lora_torch`); it is not the adapter's id, which the engine maps to a slot.
+Built once per forward pass (one host-to-device copy) and read by every LoRA layer. A run (a segment) is a maximal
+range of consecutive tokens with the same slot; tokens with NO_SLOT belong to no run. A run's tokens are rows
+token_start : token_start + num_tokens of x and out themselves, so every kernel works on views, with no token
+indirection. Any order of tokens is valid: a batch whose adapters are interleaved just has more, shorter runs. The
+engine orders each step's sequences by adapter, so that each adapter's tokens form one run.
+
+A *slot* is where an adapter's weights sit in each layer's row pool (see `kernels.lora_weights`); it is not the
+adapter's id, which the engine maps to a slot.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,64 +19,112 @@ NO_SLOT = -1  # a token that uses no adapter
 
 @dataclass(frozen=True)
 class LoraSegment:
-    """Host-side view of one segment: `num_tokens` tokens of `slot`, at `start` in `sorted_token_ids`."""
+    """Host-side view of one run: rows token_start : token_start + num_tokens of x and out, all of `slot`."""
 
     slot: int
-    start: int
+    token_start: int
     num_tokens: int
+
+    @property
+    def token_end(self) -> int:
+        return self.token_start + self.num_tokens
 
 
 @dataclass(frozen=True)
-class LoraBatch:
-    token_slots: torch.Tensor  # [num_tokens] int32, slot per token or NO_SLOT
-    sorted_token_ids: torch.Tensor  # [num_lora_tokens] int64: indices of tokens with a slot, grouped by slot
-    segment_slots: torch.Tensor  # [num_segments] int32: the slot of each segment
-    segment_starts: torch.Tensor  # [num_segments] int32: offset of each segment in sorted_token_ids
-    segment_lens: torch.Tensor  # [num_segments] int32
-    # Host copies, so the torch path and launch-time decisions never wait on the device.
-    segments: tuple[LoraSegment, ...]
-    max_segment_len: int
+class GatheredTokens:
+    """The tokens of a batch's short runs, concatenated: what the torch path's gathered form reads, built once per
+    step (see `LoraBatch.split_runs`) so that no layer rebuilds it."""
+
+    token_ids: torch.Tensor  # [num_gathered] int64: rows of x and out, ascending
+    token_slots: torch.Tensor  # [num_gathered] int64: the slot of each of those rows
+    block: tuple[int, int] | None  # (start, end) when token_ids is exactly start..end-1: x and out rows are a view
+    slots: tuple[int, ...]  # the distinct slots among them, host side (for the largest rank, per layer)
 
     @property
     def num_tokens(self) -> int:
-        return self.token_slots.shape[0]
+        return self.token_ids.shape[0]
+
+
+@dataclass(frozen=True)
+class RunSplit:
+    """A batch's runs split by length: long ones (one matmul per run, on views) and short ones (gathered)."""
+
+    long_segments: tuple[LoraSegment, ...]
+    gathered: GatheredTokens | None  # None when no run is short
+
+
+@dataclass(frozen=True, eq=False)
+class LoraBatch:
+    num_tokens: int
+    # Host copies, so the torch path and launch-time decisions never wait on the device.
+    segments: tuple[LoraSegment, ...]  # the runs, in token order
+    max_segment_len: int  # the longest run's num_tokens (0 without runs)
+    # The same runs on the device for the Triton kernels: views into one int32 [3, num_segments] tensor.
+    segment_slots: torch.Tensor  # [num_segments] int32: the slot of each run
+    segment_starts: torch.Tensor  # [num_segments] int32: its first row in x and out
+    segment_lens: torch.Tensor  # [num_segments] int32: its number of rows
+    # split_runs' results by gather limit: computed by the first layer that asks, reused by every other.
+    _splits: dict[int, RunSplit] = field(default_factory=dict, repr=False)
 
     @property
     def has_lora(self) -> bool:
         return bool(self.segments)
 
+    @property
+    def num_lora_tokens(self) -> int:
+        return sum(seg.num_tokens for seg in self.segments)
+
+    @property
+    def device(self) -> torch.device:
+        return self.segment_slots.device
+
     @classmethod
     def build(cls, token_slots: list[int], device: torch.device | str = "cpu") -> "LoraBatch":
-        """Group tokens by slot. Segments follow the order in which slots first appear (any order is valid)."""
-        token_ids_by_slot: dict[int, list[int]] = {}
-        for token_index, slot in enumerate(token_slots):
-            if slot != NO_SLOT:
-                assert slot >= 0, f"slot {slot} is neither NO_SLOT nor a valid slot"
-                token_ids_by_slot.setdefault(slot, []).append(token_index)
-        segments, sorted_ids, start = [], [], 0
-        for slot, ids in token_ids_by_slot.items():
-            segments.append(LoraSegment(slot=slot, start=start, num_tokens=len(ids)))
-            sorted_ids.extend(ids)
-            start += len(ids)
-
-        def as_tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
+        """The runs of `token_slots` ([num_tokens] slot per token, or NO_SLOT), in token order."""
+        segments: list[LoraSegment] = []
+        run_slot, run_start = NO_SLOT, 0
+        for token_index, slot in enumerate([*token_slots, NO_SLOT]):  # the sentinel closes the last run
+            if slot == run_slot:
+                continue
+            if run_slot != NO_SLOT:
+                segments.append(LoraSegment(slot=run_slot, token_start=run_start, num_tokens=token_index - run_start))
+            assert slot >= NO_SLOT, f"slot {slot} is neither NO_SLOT nor a valid slot"
+            run_slot, run_start = slot, token_index
+        # One transfer for the three tables: rows of one int32 tensor, each a contiguous view.
+        tables = torch.tensor([[s.slot for s in segments], [s.token_start for s in segments],
+                               [s.num_tokens for s in segments]], dtype=torch.int32).view(3, len(segments))
+        tables = tables.to(device, non_blocking=True)  # [3, num_segments]
         return cls(
-            token_slots=as_tensor(list(token_slots), torch.int32),
-            sorted_token_ids=as_tensor(sorted_ids, torch.int64),
-            segment_slots=as_tensor([s.slot for s in segments], torch.int32),
-            segment_starts=as_tensor([s.start for s in segments], torch.int32),
-            segment_lens=as_tensor([s.num_tokens for s in segments], torch.int32),
+            num_tokens=len(token_slots),
             segments=tuple(segments),
             max_segment_len=max((s.num_tokens for s in segments), default=0),
+            segment_slots=tables[0],
+            segment_starts=tables[1],
+            segment_lens=tables[2],
         )
 
-    @classmethod
-    def from_segments(cls, batch: "LoraBatch", segments: list[LoraSegment]) -> "LoraBatch":
-        """A host-side sub-batch of `batch`'s segments (for the torch path, which reads only host fields and
-        sorted_token_ids; the device segment tables are left empty)."""
-        empty = batch.segment_slots[:0]
-        return cls(token_slots=batch.token_slots, sorted_token_ids=batch.sorted_token_ids, segment_slots=empty,
-                   segment_starts=empty, segment_lens=empty, segments=tuple(segments),
-                   max_segment_len=max((s.num_tokens for s in segments), default=0))
+    def split_runs(self, max_gathered_len: int) -> RunSplit:
+        """Runs of at most `max_gathered_len` tokens gathered into one set, the others kept as runs. Computed once
+        per batch and limit: every layer of the step gets the same object."""
+        split = self._splits.get(max_gathered_len)
+        if split is None:
+            split = self._splits[max_gathered_len] = self._split(max_gathered_len)
+        return split
+
+    def _split(self, max_gathered_len: int) -> RunSplit:
+        short = [seg for seg in self.segments if seg.num_tokens <= max_gathered_len]
+        long_segments = tuple(seg for seg in self.segments if seg.num_tokens > max_gathered_len)
+        if not short:
+            return RunSplit(long_segments, None)
+        token_ids = [t for seg in short for t in range(seg.token_start, seg.token_end)]
+        token_slots = [seg.slot for seg in short for _ in range(seg.num_tokens)]
+        contiguous = token_ids[-1] - token_ids[0] + 1 == len(token_ids)  # ascending and distinct, so no gaps
+        # One transfer for both: rows of one int64 tensor.
+        table = torch.tensor([token_ids, token_slots], dtype=torch.int64).to(self.device, non_blocking=True)
+        gathered = GatheredTokens(
+            token_ids=table[0],
+            token_slots=table[1],
+            block=(token_ids[0], token_ids[-1] + 1) if contiguous else None,
+            slots=tuple(dict.fromkeys(seg.slot for seg in short)),
+        )
+        return RunSplit(long_segments, gathered)

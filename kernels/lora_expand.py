@@ -1,14 +1,15 @@
-"""Segmented LoRA expand in Triton: out[t, slice k] += y[t, k, :rank] @ Bᵀ rows of each token's own slot, in place.
+"""Segmented LoRA expand in Triton: out[t, slice k] += y[t, k, :rank] @ Bᵀ rows of each run's slot, in place.
 
-Semantics (t a token of slot s, k a slice, r = rank[s][k], a = row_start[s], columns lo:hi = slice_offsets[k:k+2]):
-    for t in tokens with a slot, for k in slices:
+Semantics (a run of slot s is rows t0:t1; k a slice, r = rank[s][k], a = row_start[s], lo:hi = slice k's columns):
+    for each run, for t in t0:t1, for k in slices:
         out[t, lo:hi] += y[t, k, :r] @ lora_bt[a : a + r, lo:hi]          (fp32 sum, rounded once into out)
-Tokens without a slot are never read or written. Layout: see `kernels.lora_torch`, the plain-torch twin and oracle.
+Rows in no run (tokens without a slot) are never read or written. Layout: `kernels.lora_weights`, `kernels.lora_batch`.
 
-Grid: (segment, token tile of the segment, column tile of out). A column tile may straddle slices of any width; the
-program walks the (few) slices, and for each slice that meets its columns loops over the slot's rank in blocks of
-BLOCK_R: the loop bound is the slot's own rank, so a rank-4 slot costs one block beside a rank-64 slot. All slices
-add into one fp32 accumulator, then one read-modify-write of out: each element of out belongs to one program.
+Grid: (segment, token tile of the segment, column tile of out). A segment is a run: its rows of y and out are read
+at segment_start + offs directly. A column tile may straddle slices of any width; the program walks the (few) slices,
+and for each slice that meets its columns loops over the slot's rank in blocks of BLOCK_R: the loop bound is the
+slot's own rank, so a rank-4 slot costs one block beside a rank-64 slot. All slices add into one fp32 accumulator,
+then one read-modify-write of out: each element of out belongs to one program (runs never overlap).
 
 Token tile height follows `kernels.lora_shrink.block_m_for` (decode: ≤ 4 rows on CUDA cores; prefill: 16 or 64 rows
 on tensor cores). On tensor cores, y (fp32) meets Bᵀ converted to fp32 in a tf32 mma for fp16/bf16 layers: fp16 and
@@ -30,7 +31,7 @@ EXPAND_CONFIGS = {1: (128, 4), 2: (128, 4), 4: (64, 4), 16: (128, 4), 64: (64, 8
 @triton.jit
 def _lora_expand_kernel(
     y_ptr, lora_bt_ptr, out_ptr,
-    sorted_token_ids_ptr, segment_slots_ptr, segment_starts_ptr, segment_lens_ptr,
+    segment_slots_ptr, segment_starts_ptr, segment_lens_ptr,
     slot_row_starts_ptr, slot_ranks_ptr, slice_offsets_ptr,
     out_features, max_rank,
     stride_ym, stride_ys, stride_yr,
@@ -57,7 +58,7 @@ def _lora_expand_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < seg_len
-    token_ids = tl.load(sorted_token_ids_ptr + seg_start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    token_ids = seg_start.to(tl.int64) + offs_m  # the run's rows of y and out; masked past its end
 
     # Tiles are a base pointer plus small int32 offsets (64-bit pointer tiles cost registers); the offsets are the
     # same for every slice and rank block, only the bases move.
@@ -118,7 +119,7 @@ def lora_expand_triton(
     assert slice_offsets.is_contiguous()
     check_slot_tables(slot_row_starts, slot_ranks, num_slices)
     check_lora_batch(batch)
-    for t in (lora_bt, out, batch.sorted_token_ids, slot_row_starts, slot_ranks, slice_offsets):
+    for t in (lora_bt, out, batch.segment_slots, slot_row_starts, slot_ranks, slice_offsets):
         assert t.device == y.device, f"tensors on {t.device} and {y.device}"
     # Tile offsets inside the kernel are int32 (row and token bases are int64).
     assert BLOCK_R * lora_bt.stride(0) + out_features * lora_bt.stride(1) < 2**31, "int32 offsets"
@@ -136,7 +137,7 @@ def lora_expand_triton(
     assert grid[1] <= MAX_GRID_YZ and grid[2] <= MAX_GRID_YZ, grid
     _lora_expand_kernel[grid](
         y, lora_bt, out,
-        batch.sorted_token_ids, batch.segment_slots, batch.segment_starts, batch.segment_lens,
+        batch.segment_slots, batch.segment_starts, batch.segment_lens,
         slot_row_starts, slot_ranks, slice_offsets,
         out_features, max_rank,
         y.stride(0), y.stride(1), y.stride(2),

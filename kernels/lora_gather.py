@@ -1,58 +1,61 @@
-"""Plain-torch LoRA for many short segments (decode): gather each token's own A and Bᵀ rows, then batched matmuls.
+"""Plain-torch LoRA for many short runs (decode): gather each token's own A and Bᵀ rows, then batched matmuls.
 
-The segmented torch path issues a few matmuls per segment, so a decode batch where every token has its own adapter
-costs ~4 small ops per token and layer, all Python overhead on CPU. Here the whole set of tokens costs a fixed
-handful of ops: rows are gathered per token (padded to the largest rank of the set, the padding masked out), which
-reads each token's adapter weights once, as a BGMV kernel does.
+The run path (`kernels.lora_torch`) issues 1 + num_slices small ops per run, so a decode batch where every token has
+its own adapter costs a few ops per token and layer, Python overhead on CPU. Here the whole set of tokens costs a
+fixed handful of ops: rows are gathered per token (padded to the set's largest rank, the padding masked out), which
+copies each token's adapter weights once, as a BGMV kernel reads them. `kernels.lora_ops` picks between the two.
 
-Semantics (the same as kernels.lora_torch; t a token, s its slot, R the set's largest rank, r = rank[s][k]):
-    y[t, k, j]     = scale[s][k] · x[t] @ lora_a[k, row_start[s] + j]    for j < r, else 0      (fp32)
-    out[t, lo:hi] += y[t, k, :] @ lora_bt[row_start[s] : row_start[s] + R, lo:hi]
+Semantics (the same term as kernels.lora_torch; t a gathered token, s its slot, R the largest rank of the set's
+slots in this layer, r = rank[s][k], a = row_start[s]):
+    y[t, k, j]     = scale[s][k] · x[t] @ lora_a[k, a + j]    for j < r, else 0      (fp32)
+    out[t, lo:hi] += y[t, k, :] @ lora_bt[a : a + R, lo:hi]                         (fp32, rounded into out once)
 """
-
-from collections.abc import Sequence
 
 import torch
 
+from kernels.lora_batch import GatheredTokens
+from kernels.lora_weights import LoraWeights
 
-def lora_gathered_torch(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_bt: torch.Tensor,
-    token_ids: torch.Tensor,
-    token_slots: torch.Tensor,
-    slot_row_starts: torch.Tensor,
-    slot_ranks: torch.Tensor,
-    slot_scales: torch.Tensor,
-    slice_offsets_host: Sequence[int],
-    max_rank: int,
-) -> None:
-    """out[token_ids] += LoRA(x[token_ids]) for tokens of slots `token_slots` (same length as token_ids).
 
-    x [num_tokens, in]; lora_a [num_slices, total_rows, in]; lora_bt [total_rows, out]; slot tables as in
-    kernels.lora_ops (row starts [num_slots], ranks and scales [num_slots, num_slices]); max_rank bounds every rank.
+def lora_gathered_torch(x: torch.Tensor, out: torch.Tensor, weights: LoraWeights, gathered: GatheredTokens) -> None:
+    """out[token_ids] += LoRA(x[token_ids]), each gathered token with its own slot, in place.
+
+    x [num_tokens, in], out [num_tokens, out_features]; `gathered` comes from the step's `LoraBatch.split_runs`.
     """
-    num_slices, total_rows, _ = lora_a.shape
-    num_tokens = token_ids.shape[0]
-    slots = token_slots.long()
-    offsets = torch.arange(max_rank, device=x.device)
+    max_rank = max(max(weights.ranks[slot], default=0) for slot in gathered.slots)
+    if max_rank == 0:  # every slot of the set skips this layer
+        return
+    lora_a, lora_bt = weights.lora_a, weights.lora_bt
+    num_slices, total_rows, in_features = lora_a.shape
+    num_tokens, slots = gathered.num_tokens, gathered.token_slots
+    offsets = torch.arange(max_rank, device=x.device)  # [R]
     # Rows past the pool's end belong to no one and are masked below; clamp so the gather stays in bounds.
-    rows = (slot_row_starts[slots].long()[:, None] + offsets).clamp_(max=total_rows - 1)  # [T, R]
-    live = offsets[None, None, :] < slot_ranks[slots][:, :, None]  # [T, num_slices, R]
+    rows = (weights.device_row_starts[slots].long()[:, None] + offsets).clamp_(max=total_rows - 1).flatten()  # [G*R]
+    live = offsets < weights.device_ranks[slots][:, :, None]  # [G, S, R]
 
-    x_tokens = x.index_select(0, token_ids).float()  # [T, in]
-    a = lora_a.transpose(0, 1)[rows].float()  # [T, R, num_slices, in]
-    y = torch.bmm(a.flatten(1, 2), x_tokens[:, :, None])  # [T, R * num_slices, 1]
-    y = y.view(num_tokens, max_rank, num_slices).transpose(1, 2)  # [T, num_slices, R]
-    # torch.where, not a multiply: padding rows may hold another adapter's weights (or anything).
-    y = torch.where(live, y * slot_scales[slots][:, :, None], 0.0)
+    if gathered.block is not None:
+        x_tokens = x[gathered.block[0] : gathered.block[1]]  # [G, in], a view
+    else:
+        x_tokens = x.index_select(0, gathered.token_ids)  # [G, in]
+    # index_select along a contiguous tensor's rows: whole rows copied, the cheapest gather torch has.
+    a = lora_a.index_select(1, rows).view(num_slices, num_tokens, max_rank, in_features)  # [S, G, R, in]
+    y = torch.matmul(a.float(), x_tokens.float()[:, :, None])  # [S, G, R, 1] fp32: one GEMV per (slice, token)
+    y = y.view(num_slices, num_tokens, max_rank).transpose(0, 1)  # [G, S, R]
+    # torch.where, not a multiply by the mask: padding rows may hold another adapter's weights (or anything).
+    y = torch.where(live, y * weights.device_scales[slots][:, :, None], 0.0)  # [G, S, R]
 
-    bt = lora_bt[rows].float()  # [T, R, out]
-    delta = torch.empty(num_tokens, lora_bt.shape[1], dtype=torch.float32, device=x.device)
+    bt = lora_bt.index_select(0, rows).view(num_tokens, max_rank, -1)  # [G, R, out]
+    if gathered.block is not None:
+        out_tokens = out[gathered.block[0] : gathered.block[1]]  # [G, out], a view: written in place
+    else:
+        out_tokens = out.index_select(0, gathered.token_ids)  # [G, out], a copy: written back below
+    slice_offsets = weights.slice_offsets
     for k in range(num_slices):
-        lo, hi = slice_offsets_host[k], slice_offsets_host[k + 1]
-        # Masked like y: a padding row times a zero of y is still NaN when the row holds NaN (someone else's rows).
-        bt_k = torch.where(live[:, k, :, None], bt[:, :, lo:hi], 0.0)  # [T, R, n_k]
-        delta[:, lo:hi] = torch.bmm(y[:, k, None, :], bt_k)[:, 0]  # [T, n_k]
-    out.index_add_(0, token_ids, delta.to(out.dtype))
+        lo, hi = slice_offsets[k], slice_offsets[k + 1]
+        # Masked too: padding rows of Bᵀ may hold another adapter's NaN or inf, and 0 · NaN is NaN.
+        bt_k = torch.where(live[:, k, :, None], bt[:, :, lo:hi], 0.0)  # [G, R, n_k]
+        # bmm then add, not baddbmm_ into out's strided columns, which loops over tokens (measured ~1.6x slower).
+        delta = torch.bmm(y[:, k, None, :], bt_k.float())  # [G, 1, n_k] fp32
+        out_tokens[:, lo:hi].add_(delta[:, 0])  # rounded into out once
+    if gathered.block is None:
+        out.index_copy_(0, gathered.token_ids, out_tokens)

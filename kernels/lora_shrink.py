@@ -1,13 +1,14 @@
-"""Segmented LoRA shrink in Triton: y[t, k, :rank] = scale · x[t] @ Aᵀ for each token's own slot and each slice k.
+"""Segmented LoRA shrink in Triton: y[t, k, :rank] = scale · x[t] @ Aᵀ for each run's slot and each slice k.
 
-Semantics (t a token of slot s, k a slice, r = rank[s][k], a = row_start[s]):
-    for t in tokens with a slot, for k in slices:
+Semantics (a run of slot s is rows t0:t1 of x and y; k a slice, r = rank[s][k], a = row_start[s]):
+    for each run, for t in t0:t1, for k in slices:
         y[t, k, :r] = scale[s][k] · x[t] @ lora_a[k, a : a + r]ᵀ          (fp32; y[t, k, r:] is left unwritten)
-Layout of lora_a and the slot tables: see `kernels.lora_torch`, the plain-torch twin and test oracle.
+Layout of lora_a and the slot tables: see `kernels.lora_weights`; runs: `kernels.lora_batch`.
 
-Grid: (segment, token tile of the segment, slice × rank block). A program computes one [BLOCK_M, BLOCK_R] tile of y
-and exits at once if its tile starts past its segment's end or past its slot's rank, so a rank-4 slot launched beside
-a rank-64 slot costs one rank block, not four.
+Grid: (segment, token tile of the segment, slice × rank block). A segment is a run: its rows of x are read at
+segment_start + offs directly, no token indirection. A program computes one [BLOCK_M, BLOCK_R] tile of y and exits at
+once if its tile starts past its segment's end or past its slot's rank, so a rank-4 slot launched beside a rank-64
+slot costs one rank block, not four.
 
 Decode vs prefill, one rule shared with `kernels.lora_expand` (`block_m_for`):
     max_segment_len <= 4: BLOCK_M = next_power_of_2(max_segment_len) in {1, 2, 4}, CUDA-core multiply-and-sum
@@ -51,7 +52,7 @@ def block_m_for(max_segment_len: int) -> int:
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, lora_a_ptr, y_ptr,
-    sorted_token_ids_ptr, segment_slots_ptr, segment_starts_ptr, segment_lens_ptr,
+    segment_slots_ptr, segment_starts_ptr, segment_lens_ptr,
     slot_row_starts_ptr, slot_ranks_ptr, slot_scales_ptr,
     in_features, max_rank,
     stride_xm, stride_xk,
@@ -85,9 +86,9 @@ def _lora_shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < seg_len
     mask_r = offs_r < rank - r0
-    token_ids = tl.load(sorted_token_ids_ptr + seg_start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    token_ids = seg_start.to(tl.int64) + offs_m  # the run's rows of x and y; masked past its end
 
-    # x tile [BLOCK_M, BLOCK_K]: rows gathered by token id. A tile [BLOCK_K, BLOCK_R]: rows r0.. of this slot,
+    # x tile [BLOCK_M, BLOCK_K]: consecutive rows of the run. A tile [BLOCK_K, BLOCK_R]: rows r0.. of this slot,
     # transposed. Tiles are a base pointer plus small int32 offsets: 64-bit pointer tiles cost registers.
     x_rows = x_ptr + token_ids * stride_xm
     a_base = lora_a_ptr + slice_id.to(tl.int64) * stride_as + (row_start + r0).to(tl.int64) * stride_ar
@@ -127,8 +128,8 @@ def lora_shrink_triton(
 ) -> torch.Tensor:
     """x [num_tokens, in] -> y [num_tokens, num_slices, max_rank] fp32.
 
-    `max_rank` must be at least the rank of every slot in the batch (`kernels.lora_torch.max_active_rank`). Only
-    y[t, k, :rank] of tokens with a slot is written; the rest is uninitialised and `lora_expand_triton` never reads it.
+    `max_rank` must be at least the rank of every slot in the batch (`LoraWeights.max_rank` is). Only y[t, k, :rank]
+    of tokens in a run is written; the rest is uninitialised and `lora_expand_triton` never reads it.
     """
     # ---- shapes, strides and dtypes this launcher assumes
     assert x.dim() == 2 and lora_a.dim() == 3, (x.shape, lora_a.shape)
@@ -140,7 +141,7 @@ def lora_shrink_triton(
     check_slot_tables(slot_row_starts, slot_ranks, num_slices)
     assert slot_scales.dtype == torch.float32 and slot_scales.shape == slot_ranks.shape and slot_scales.is_contiguous()
     check_lora_batch(batch)
-    for t in (lora_a, batch.sorted_token_ids, slot_row_starts, slot_ranks, slot_scales):
+    for t in (lora_a, batch.segment_slots, slot_row_starts, slot_ranks, slot_scales):
         assert t.device == x.device, f"tensors on {t.device} and {x.device}"
     assert max_rank >= 0
     # Tile offsets inside the kernel are int32 (row and token bases are int64).
@@ -164,7 +165,7 @@ def lora_shrink_triton(
     assert grid[1] <= MAX_GRID_YZ and grid[2] <= MAX_GRID_YZ, grid
     _lora_shrink_kernel[grid](
         x, lora_a, y,
-        batch.sorted_token_ids, batch.segment_slots, batch.segment_starts, batch.segment_lens,
+        batch.segment_slots, batch.segment_starts, batch.segment_lens,
         slot_row_starts, slot_ranks, slot_scales,
         in_features, max_rank,
         x.stride(0), x.stride(1),
@@ -189,7 +190,8 @@ def check_slot_tables(slot_row_starts: torch.Tensor, slot_ranks: torch.Tensor, n
 
 
 def check_lora_batch(batch: LoraBatch) -> None:
-    """The kernels index the batch vectors with unit stride and read int32 segments, int64 token ids."""
-    assert batch.sorted_token_ids.dtype == torch.int64 and batch.sorted_token_ids.is_contiguous()
+    """The kernels index the segment tables with unit stride, read them as int32, and trust the runs to be rows of
+    x, y and out: the last run (runs are in token order) ends inside the batch, checked on the host copy."""
     for t in (batch.segment_slots, batch.segment_starts, batch.segment_lens):
         assert t.dtype == torch.int32 and t.is_contiguous() and t.shape == (len(batch.segments),), (t.dtype, t.shape)
+    assert all(seg.token_end <= batch.num_tokens for seg in batch.segments[-1:]), "runs past the batch's end"

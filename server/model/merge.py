@@ -192,7 +192,9 @@ def merged_lora_batches(token_slots: Sequence[int], merged: MergedSlot,
     """(own-term batch, compensation batch) for a forward pass while `merged` is in place.
 
     Tokens of the merged slot get neither term (the base already holds their adapter); every other token, base-only
-    ones included, gets the compensation term −δ_m; tokens of other slots also keep their own term."""
+    ones included, gets the compensation term −δ_m; tokens of other slots also keep their own term. Both are built
+    as runs (see kernels.lora_batch): in a step ordered by adapter, the compensation batch is the few runs around the
+    merged adapter's tokens, each a view of x and out."""
     assert merged.is_merged
     own = [NO_SLOT if slot == merged.slot else slot for slot in token_slots]
     compensation = [NO_SLOT if slot == merged.slot else merged.compensation_slot for slot in token_slots]

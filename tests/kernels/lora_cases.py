@@ -12,6 +12,7 @@ import torch
 from hypothesis import strategies as st
 
 from kernels.lora_batch import NO_SLOT, LoraBatch
+from kernels.lora_weights import LoraWeights
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Errors are bounded relative to the sum of |terms| (see `assert_close_to_reference`). y is an fp32 sum of exact
@@ -61,23 +62,12 @@ class LoraCase:
     def batch(self, device: torch.device) -> LoraBatch:
         return LoraBatch.build(list(self.token_slots), device=device)
 
-    def device_tables(self, device: torch.device) -> dict[str, torch.Tensor]:
-        return dict(
-            slot_row_starts=torch.tensor(self.row_starts, dtype=torch.int32, device=device),
-            slot_ranks=torch.tensor(self.ranks, dtype=torch.int32, device=device).reshape(-1, len(self.slice_sizes)),
-            slot_scales=torch.tensor(self.scales, dtype=torch.float32, device=device).reshape(
-                -1, len(self.slice_sizes)
-            ),
-            slice_offsets=torch.tensor(self.slice_offsets, dtype=torch.int32, device=device),
-        )
-
-    def host_tables(self) -> dict:
-        return dict(
-            slot_row_starts_host=list(self.row_starts),
-            slot_ranks_host=[list(r) for r in self.ranks],
-            slot_scales_host=[list(s) for s in self.scales],
-            slice_offsets_host=self.slice_offsets,
-        )
+    def weights(self, tensors: dict[str, torch.Tensor]) -> LoraWeights:
+        """The layer object over tensors' lora_a and lora_bt (shared, not copied), with this case's slots."""
+        weights = LoraWeights(tensors["lora_a"], tensors["lora_bt"], self.slice_offsets, len(self.row_starts))
+        for slot, (row, ranks, scales) in enumerate(zip(self.row_starts, self.ranks, self.scales, strict=True)):
+            weights.set_slot(slot, row, ranks, scales)
+        return weights
 
 
 def make_case(
@@ -125,14 +115,19 @@ def lora_cases(draw: st.DrawFn, max_tokens: int = 48) -> LoraCase:
                               max_size=num_slices))
         ranks.append([base if k == "same" else 0 if k == "skip" else draw(st.integers(1, 64)) for k in kinds])
 
-    pattern = draw(st.sampled_from(("mixed", "one_slot", "every_token_its_own_slot", "decode")))
+    pattern = draw(st.sampled_from(("mixed", "sorted", "runs", "one_slot", "every_token_its_own_slot", "decode")))
+    choices = st.sampled_from([*range(num_slots), NO_SLOT])
     if pattern == "every_token_its_own_slot":
         token_slots = draw(st.permutations(range(num_slots)))
     elif pattern == "one_slot":
         slot = draw(st.integers(0, num_slots - 1))
         token_slots = [slot] * draw(st.integers(1, 3 * max_tokens))  # long enough for every token-tile height
-    else:  # "decode": at most a couple of tokens per slot; "mixed": anything, tokens without a slot included
-        choices = st.sampled_from([*range(num_slots), NO_SLOT])
+    elif pattern == "sorted":  # as the engine orders a step: each slot's tokens one run, no-slot tokens together
+        token_slots = sorted(draw(st.lists(choices, min_size=1, max_size=max_tokens)))
+    elif pattern == "runs":  # a few runs of any length, a slot possibly in several of them
+        run_slots = draw(st.lists(choices, min_size=1, max_size=5))
+        token_slots = [slot for slot in run_slots for _ in range(draw(st.integers(1, 2 * max_tokens)))]
+    else:  # "decode": at most a couple of tokens per slot; "mixed": anything, interleaved slots and no-slot tokens
         token_slots = draw(st.lists(choices, min_size=1, max_size=max_tokens if pattern == "mixed" else num_slots))
 
     return make_case(

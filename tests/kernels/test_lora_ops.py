@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from kernels import lora_ops
 from kernels.lora_batch import NO_SLOT
-from kernels.lora_ops import apply_lora, resolve_lora_backend
+from kernels.lora_gather import lora_gathered_torch
+from kernels.lora_ops import GATHER_MAX_IN_FEATURES, GATHER_MIN_TOKENS, apply_lora, resolve_lora_backend
 from tests.kernels.lora_cases import TOLERANCE, LoraCase, assert_close_to_reference, make_case, reference
 
 GQA = (40, 12, 12)
@@ -15,30 +17,59 @@ TOKEN_SLOTS = [1, NO_SLOT, 1, 3, 0, 1, NO_SLOT, 0, 1, 1, 1, 1, 1, 1]  # slot 2 h
 def apply(case: LoraCase, backend: str, device: torch.device) -> tuple[dict, torch.Tensor]:
     tensors = case.tensors(device)
     out_before = tensors["out"].clone()
-    apply_lora(backend, tensors["x"], tensors["out"], tensors["lora_a"], tensors["lora_bt"], case.batch(device),
-               **case.host_tables(), **case.device_tables(device))
+    apply_lora(backend, tensors["x"], tensors["out"], case.weights(tensors), case.batch(device))
     return tensors, out_before
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_apply_lora_adds_each_tokens_own_adapter(backend, dtype, kernel_device):
-    case = make_case(dtype, 50, GQA, RANKS, TOKEN_SLOTS, seed=3)
+@pytest.mark.parametrize("order", ["as given", "sorted"])
+def test_apply_lora_adds_each_tokens_own_adapter(backend, order, dtype, kernel_device):
+    token_slots = sorted(TOKEN_SLOTS) if order == "sorted" else TOKEN_SLOTS
+    case = make_case(dtype, 50, GQA, RANKS, token_slots, seed=3)
     device = kernel_device if backend == "triton" else torch.device("cpu")
     tensors, out_before = apply(case, backend, device)
     expected = reference(case, {**tensors, "out": out_before})
     assert_close_to_reference(tensors["out"], expected["out"], expected["out_abs"], TOLERANCE[dtype], backend)
-    no_slot = torch.tensor([s == NO_SLOT for s in TOKEN_SLOTS], device=device)
+    no_slot = torch.tensor([s == NO_SLOT for s in token_slots], device=device)
     assert torch.equal(tensors["out"][no_slot], out_before[no_slot])
 
 
-def test_apply_lora_takes_any_bound_on_the_rank(kernel_device):
-    case = make_case(torch.float16, 50, GQA, RANKS, TOKEN_SLOTS, seed=5)
-    exact, _ = apply(case, "triton", kernel_device)
-    bounded = case.tensors(kernel_device)
-    apply_lora("triton", bounded["x"], bounded["out"], bounded["lora_a"], bounded["lora_bt"], case.batch(kernel_device),
-               **case.host_tables(), **case.device_tables(kernel_device), max_rank=80)
-    assert torch.equal(bounded["out"], exact["out"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("in_features", [50, GATHER_MAX_IN_FEATURES + 1])
+@pytest.mark.parametrize("num_one_token_runs", [GATHER_MIN_TOKENS - 1, GATHER_MIN_TOKENS])
+def test_torch_backend_on_both_sides_of_the_gather_rule(num_one_token_runs, in_features, dtype, monkeypatch):
+    """Decode tokens of distinct slots (gathered when the rule says so) beside two long runs (views), and no-slot
+    tokens between: every token gets its own term, whichever form the rule picks."""
+    gathered_calls = []
+    monkeypatch.setattr(lora_ops, "lora_gathered_torch",
+                        lambda *args: gathered_calls.append(args) or lora_gathered_torch(*args))
+    num_slots = num_one_token_runs + 2
+    ranks = [[4 + s % 5, 8, 0 if s % 3 == 0 else 6] for s in range(num_slots)]
+    token_slots = [NO_SLOT, *range(num_one_token_runs), *[num_slots - 2] * 9, NO_SLOT, *[num_slots - 1] * 5]
+    case = make_case(dtype, in_features, GQA, ranks, token_slots, seed=num_one_token_runs)
+    tensors, out_before = apply(case, "torch", torch.device("cpu"))
+    expected = reference(case, {**tensors, "out": out_before})
+    assert_close_to_reference(tensors["out"], expected["out"], expected["out_abs"], TOLERANCE[dtype], "torch")
+    no_slot = torch.tensor([s == NO_SLOT for s in token_slots])
+    assert torch.equal(tensors["out"][no_slot], out_before[no_slot])
+    should_gather = num_one_token_runs >= GATHER_MIN_TOKENS and in_features <= GATHER_MAX_IN_FEATURES
+    assert len(gathered_calls) == should_gather
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_larger_rank_loaded_elsewhere_changes_nothing(backend, kernel_device):
+    """The layer's largest loaded rank bounds every batch (Triton sizes y by it): a rank-80 adapter loaded in a slot
+    the batch does not use leaves its result bit for bit as it was."""
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    case = make_case(torch.float16, 50, GQA, [*RANKS, [80, 80, 80]], TOKEN_SLOTS, seed=5)
+    tensors, _ = apply(case, backend, device)
+    without = case.tensors(device)
+    weights = case.weights(without)
+    weights.clear_slot(len(RANKS))
+    assert weights.max_rank == 64
+    apply_lora(backend, without["x"], without["out"], weights, case.batch(device))
+    assert torch.equal(without["out"], tensors["out"])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
