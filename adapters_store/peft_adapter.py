@@ -58,8 +58,8 @@ def parse_peft_adapter(config_bytes: bytes, safetensors_bytes: bytes, base: Base
     targets = resolve_targets(config, base)
     if limits is not None:
         check_ranks(targets, limits)
-    # Our own header check first: the library would allocate a header of any declared size, and its messages do not
-    # name the tensor at fault.
+    # Our own header check first: the library refuses oversized headers too, but only past its own fixed cap; ours
+    # refuses at this server's limit, before allocating anything, with a clear message, and names the tensor at fault.
     check_safetensors_header(safetensors_bytes, file=WEIGHTS_FILE,
                              max_header_bytes=limits.max_header_bytes if limits else DEFAULT_MAX_HEADER_BYTES)
     try:

@@ -102,6 +102,12 @@ class AdapterStore:
     def put(self, tenant: str, adapter_id: str, files: Mapping[str, bytes]) -> AdapterVersion:
         """Store a new adapter, or a new version of an existing one. Raises AdapterError, before writing anything,
         for anything refused."""
+        return self.put_parsed(tenant, adapter_id, files)[0]
+
+    def put_parsed(self, tenant: str, adapter_id: str, files: Mapping[str, bytes]) -> tuple[AdapterVersion,
+                                                                                               LoraAdapter]:
+        """`put`, also returning the adapter as it was parsed to validate it (what `read` of the new version would
+        give): a server keeps it warm, so the version's first request does not parse its files again."""
         check_id(tenant, "tenant")
         check_id(adapter_id, "adapter_id")
         config_bytes, weights_bytes = split_upload(files, self.limits)
@@ -118,7 +124,7 @@ class AdapterStore:
                                         base_fingerprint=self.base_fingerprint)
         logger.info("stored %s/%s version %d (%d bytes, ranks %s)", tenant, adapter_id, record.version,
                     record.num_bytes, list(record.ranks))
-        return record
+        return record, adapter
 
     # ---- lookup ------------------------------------------------------------------------------------------------
 

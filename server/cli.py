@@ -11,10 +11,9 @@ from adapters_store import AdapterError, AdapterNotFound, AdapterStore
 from kernels.lora_ops import LORA_BACKENDS, resolve_lora_backend
 from server.api.serve import add_serve_parser, run_serve
 from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
-from server.engine.generate_all import generate_all
+from server.engine.build import EngineOptions, base_description, open_engine
 from server.engine.request import EngineRequest, RequestError
 from server.engine.sampler import SamplingError, SamplingParams
-from server.engine.setup import EngineOptions, base_description, open_engine
 from server.export import ExportError, add_merge_parser, run_merge
 from server.model.config import ModelConfigError
 from server.model.loader import resolve_device
@@ -93,12 +92,13 @@ def run_generate(args: argparse.Namespace) -> None:
         try:
             report_weight_bytes(engine.model)
             requests = read_requests(args.requests, engine.tokenizer, set(adapter_dirs))
-            for request in requests:
+            prepared = []
+            for request in requests:  # all checked (and pinned) before any runs
                 try:
-                    engine.check_request(request)
+                    prepared.append(engine.prepare(request))
                 except RequestError as error:
                     raise CliError(f"{args.requests}, {request.request_id}: {error}") from None
-            completions = generate_all(engine, requests)
+            completions = engine.generate(prepared)
         finally:
             engine.close()
     for completion in completions:

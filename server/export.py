@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from adapters_store import full_module_name, load_peft_adapter
-from server.engine.base_description import describe_base_model
-from server.model.llama import PACKED_MODULES, LlamaModel
+from server.engine.build import describe_base_model
+from server.model.config import PACKED_MODULES
+from server.model.llama import LlamaModel
 from server.model.loader import INDEX_FILE, SINGLE_FILE, load_model, read_config
 from server.model.merge import add_deltas_, effective_weight
 

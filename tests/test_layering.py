@@ -18,8 +18,15 @@ FORBIDDEN = {
     "server.api": ("server.cli", "loadtest"),
     "loadtest": ("server", "kernels", "adapters_store"),
 }
-# Training the demo uses transformers and PEFT by design; nothing served may.
-MAY_IMPORT_TEST_ONLY = {"server.demo.train"}
+# Training the demo uses transformers and PEFT by design, and the engine benchmark's peer row measures them (only when
+# installed); nothing served may.
+MAY_IMPORT_TEST_ONLY = {"server.demo.train", "server.engine.bench_peer"}
+# The engine's policy is plain Python (testable in microseconds); the model runner alone turns it into tensors, and
+# only the slot writer (and residency, which owns it) touches the device's LoRA pool.
+PLAIN_PYTHON = ("server.engine.scheduling", "server.engine.adapters.keys", "server.engine.adapters.slot_pool",
+                "server.engine.adapters.row_allocator", "server.engine.adapters.host_cache",
+                "server.engine.merging.policy")
+TENSOR_PACKAGES = ("torch", "triton", "kernels", "server.model")
 
 
 def module_imports(path: Path) -> tuple[str, set[str]]:
@@ -51,8 +58,12 @@ def test_imports_flow_one_way(path):
     if module not in MAY_IMPORT_TEST_ONLY:
         test_only = sorted(name for name in imported for t in TEST_ONLY if _under(name, t))
         assert not test_only, f"{module} imports test-only packages {test_only}"
+    if any(_under(module, plain) for plain in PLAIN_PYTHON):
+        tensors = sorted(name for name in imported for t in TENSOR_PACKAGES if _under(name, t))
+        assert not tensors, f"{module} imports {tensors}, but it is plain Python by design"
 
 
 def test_layering_check_sees_the_house():
     modules = {module_imports(p)[0] for p in house_files()}
-    assert {"kernels.lora_torch", "server.model.llama"} <= modules
+    assert {"kernels.lora_torch", "server.model.llama", "server.engine.scheduling.scheduler",
+            "server.engine.adapters.slot_pool"} <= modules

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import AdapterError, AdapterNotFound, AdapterUnusable
 from adapters_store.store_errors import AdapterTooLarge
-from server.engine.merge_control import MergeRefused
+from server.engine.merging.control import MergeRefused
 from server.engine.request import EngineStoppedError, QueueFullError, RequestError
 from server.engine.sampler import SamplingError
 
@@ -73,8 +73,10 @@ def api_error_from(exc: BaseException, retry_after_s: int = 1) -> ApiError | Non
         return ApiError(413, TOO_LARGE, str(exc), param=exc.field, code="adapter_too_large")
     if isinstance(exc, AdapterError):
         return ApiError(400, INVALID_REQUEST, str(exc), param=exc.field, code="invalid_adapter")
-    if isinstance(exc, RequestError | SamplingError):
-        return invalid_request(str(exc), param=getattr(exc, "field", None))
+    if isinstance(exc, RequestError):
+        return invalid_request(str(exc), param=exc.field, code=exc.code)
+    if isinstance(exc, SamplingError):
+        return invalid_request(str(exc), param=exc.field)
     if isinstance(exc, QueueFullError):
         return ApiError(429, RATE_LIMIT, str(exc), code="queue_full", headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, EngineStoppedError):

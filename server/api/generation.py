@@ -42,16 +42,14 @@ def new_id(prefix: str) -> str:
 def build_request(served: Served, config: ApiConfig, principal: Principal, *, prompt_token_ids: list[int],
                   adapter_id: str | None, max_new_tokens: int | None, temperature: float, top_p: float, top_k: int,
                   seed: int | None, stop: tuple[str, ...], logprobs: int | None, request_id: str,
-                  prompt_param: str = "prompt", max_tokens_param: str = "max_new_tokens") -> EngineRequest:
+                  max_tokens_param: str = "max_new_tokens") -> EngineRequest:
     """The engine request, after the limits that are the API's to enforce. `max_new_tokens` None: as many as the
-    model's maximum length leaves room for, up to the server's cap."""
+    model's maximum length leaves room for, up to the server's cap. The prompt itself is the engine's to check
+    (server.engine.request.check_request, at submit): a RequestError naming `prompt` is a 400 like those below."""
     num_prompt, max_len = len(prompt_token_ids), served.max_model_len
-    if num_prompt >= max_len:
-        raise invalid_request(f"the prompt has {num_prompt} tokens, but this model takes at most {max_len} tokens "
-                              f"in all (prompt and output), so a prompt may have at most {max_len - 1}",
-                              param=prompt_param, code="context_length_exceeded")
     if max_new_tokens is None:
-        max_new_tokens = min(config.max_new_tokens_limit, max_len - num_prompt)
+        # At least 1: a prompt with no room left is refused at submit, with the reason (context_length_exceeded).
+        max_new_tokens = max(min(config.max_new_tokens_limit, max_len - num_prompt), 1)
     if max_new_tokens > config.max_new_tokens_limit:
         raise invalid_request(f"{max_tokens_param} is {max_new_tokens}, over this server's limit of "
                               f"{config.max_new_tokens_limit}", param=max_tokens_param, code="max_tokens_exceeded")

@@ -12,7 +12,7 @@ from server.api.chat_template import ChatTemplate
 from server.api.state import Served
 from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
 from server.engine.async_engine import AsyncEngine
-from server.engine.setup import EngineOptions, base_description, open_engine
+from server.engine.build import EngineOptions, base_description, open_engine
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, gener
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from server.api.adapter_traffic import AdapterTraffic
-from server.engine.merge_control import MergeStats
-from server.engine.stats import EngineStats
+from server.engine.engine import EngineStats
+from server.engine.merging.control import MergeStats
 
 PREFIX = "lora_server_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

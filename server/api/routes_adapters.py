@@ -29,7 +29,8 @@ from server.api.schemas import (
     AdapterSummary,
 )
 from server.api.state import Served, ServerState
-from server.engine.merge_control import MergeRefused
+from server.engine.adapters.keys import AdapterKey
+from server.engine.merging.control import MergeRefused
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -134,12 +135,15 @@ def check_adapter_id(served: Served, principal: Principal, adapter_id: str, must
 
 async def store_version(state: ServerState, served: Served, principal: Principal, adapter_id: str,
                         files: dict[str, bytes], must_be_new: bool) -> AdapterVersion:
-    """Validate and store the files as the adapter's next version (its first, if `must_be_new`: else a 409)."""
+    """Validate and store the files as the adapter's next version (its first, if `must_be_new`: else a 409), and hand
+    the adapter, as parsed to validate it, to the engine's host cache: its first request need not parse it again."""
     store = require_store(served)
     async with state.upload_lock:  # makes "must not exist yet" and the write one step
         if must_be_new and store.versions(principal.tenant, adapter_id):
             raise _exists(adapter_id)
-        return await asyncio.to_thread(store.put, principal.tenant, adapter_id, files)
+        record, adapter = await asyncio.to_thread(store.put_parsed, principal.tenant, adapter_id, files)
+    served.engine.put_uploaded_adapter(AdapterKey(principal.tenant, adapter_id, record.version), adapter)
+    return record
 
 
 def created_body(record: AdapterVersion, parent: str) -> dict:

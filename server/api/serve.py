@@ -34,8 +34,8 @@ from server.api.config import ApiConfig
 from server.api.header_timeout import with_header_timeout
 from server.api.loading import ServeTarget, open_served
 from server.api.state import ServerState
-from server.engine.merge_control import MERGE_MODES
-from server.engine.setup import EngineOptions
+from server.engine.build import EngineOptions
+from server.engine.merging.control import MERGE_MODES
 
 logger = logging.getLogger(__name__)
 

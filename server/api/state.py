@@ -17,9 +17,9 @@ from server.api.chat_template import ChatTemplate
 from server.api.config import ApiConfig
 from server.api.errors import unavailable
 from server.api.metrics import ApiMetrics
-from server.engine.adapter_key import AdapterKey
+from server.engine.adapters.keys import AdapterKey
 from server.engine.async_engine import AsyncEngine
-from server.engine.stats import EngineStats
+from server.engine.engine import EngineStats
 from server.model.config import ModelConfigError
 
 logger = logging.getLogger(__name__)

@@ -2,26 +2,35 @@
 
 The step loop runs on its own thread so the event loop never waits on the model. The two sides meet in an inbox
 (requests to add, ids to abort) guarded by one Condition; deltas go back to each request's asyncio queue through
-`call_soon_threadsafe`. Only the loop thread touches the Engine (the scheduler is single-threaded by design).
+`call_soon_threadsafe`. Only the loop thread changes the Engine (the scheduler is single-threaded by design);
+`Engine.prepare`, which reads nothing the loop changes, runs on the submitter's thread.
 
     stream = engine.submit(request)   # raises RequestError, QueueFullError, EngineStoppedError, AdapterNotFound now
     async for delta in stream: ...    # the last delta has finish_reason; `await stream.aclose()` aborts early
+
+`submit` prepares the request (Engine.prepare: its one check, and its adapter version pinned with one registry read)
+on the caller's thread, so the step loop never waits on the store, not even while an upload commits.
 """
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
 
-from adapters_store import AdapterNotFound
-from server.engine.adapter_key import AdapterKey
-from server.engine.engine import Engine
-from server.engine.merge_control import MergeRefused
-from server.engine.request import EngineRequest, EngineStoppedError, QueueFullError, RequestDelta, error_type_of
-from server.engine.stats import EngineStats
+from adapters_store import LoraAdapter
+from server.engine.adapters.keys import AdapterKey
+from server.engine.engine import Engine, EngineStats
+from server.engine.merging.control import MergeRefused
+from server.engine.request import (
+    EngineRequest,
+    EngineStoppedError,
+    PreparedRequest,
+    QueueFullError,
+    RequestDelta,
+    error_type_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +75,7 @@ class AsyncEngine:
         # The same, counted per tenant (None: max_pending), so one tenant's burst cannot take every slot.
         self.max_pending_per_tenant = min(max_pending_per_tenant or max_pending, max_pending)
         self._lock = threading.Condition()
-        self._inbox: list[tuple[str, object]] = []  # ("add", EngineRequest) | ("abort", request_id), in order
+        self._inbox: list[tuple[str, object]] = []  # ("add", PreparedRequest) | ("abort", request_id) | ("call", ...)
         self._streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
         self._num_pending_by_tenant: Counter[str] = Counter()  # the unfinished requests in _streams, per tenant
         self._accepting = True
@@ -83,13 +92,9 @@ class AsyncEngine:
     def submit(self, request: EngineRequest) -> RequestStream:
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and takes no new requests")
-        self.engine.check_request(request)
-        if request.adapter_id is not None and request.adapter_version is None and self.engine.adapters is not None:
-            # Pin now, so an unknown adapter fails here (a 404), and the version is the newest at submission.
-            version = self.engine.adapters.latest_version(request.tenant, request.adapter_id)
-            request = dataclasses.replace(request, adapter_version=version)
-        elif request.adapter_id is not None and self.engine.adapters is None:
-            raise AdapterNotFound(f"adapter {request.adapter_id!r}: this server serves the base model only")
+        # Here, not on the loop thread: a bad request or an unknown adapter fails at once (a 4xx), the version is the
+        # newest at submission, and the step loop never reads the store.
+        prepared = self.engine.prepare(request)
         with self._lock:
             if len(self._streams) >= self.max_pending:
                 raise QueueFullError(f"{len(self._streams)} requests are already waiting or running "
@@ -103,7 +108,7 @@ class AsyncEngine:
             stream = RequestStream(request.request_id, request.tenant, self)
             self._streams[request.request_id] = (stream, asyncio.get_running_loop())
             self._num_pending_by_tenant[request.tenant] += 1
-            self._inbox.append(("add", request))
+            self._inbox.append(("add", prepared))
             self._lock.notify()
         return stream
 
@@ -117,10 +122,6 @@ class AsyncEngine:
 
     def stop_accepting(self) -> None:
         self._accepting = False
-
-    @property
-    def is_accepting(self) -> bool:
-        return self._accepting
 
     @property
     def num_pending(self) -> int:
@@ -159,15 +160,21 @@ class AsyncEngine:
         return time.monotonic() - self._heartbeat
 
     def retire_adapter(self, tenant: str, adapter_id: str) -> None:
-        if self.engine.adapters is not None:
-            self.engine.adapters.residency.retire_lineage(tenant, adapter_id)
+        if self.engine.residency is not None:
+            self.engine.residency.retire_lineage(tenant, adapter_id)
+
+    def put_uploaded_adapter(self, key: AdapterKey, adapter: LoraAdapter) -> None:
+        """An upload stored `key`, parsing `adapter` to validate it: keep it in the host cache, so the first request
+        for the new version does not parse its files again."""
+        if self.engine.residency is not None:
+            self.engine.residency.put_on_host(key, adapter)
 
     def request_merge(self, tenant: str, adapter_id: str) -> Future:
         """Merge the adapter's newest version at a step boundary (manual merge policy). A concurrent Future: None
         once merged, or MergeRefused; AdapterNotFound is raised at once."""
-        if self.engine.merge is None or self.engine.adapters is None:
+        if self.engine.merge is None or self.engine.adapter_catalog is None:
             raise MergeRefused("this engine serves no adapters")
-        key = AdapterKey(tenant, adapter_id, self.engine.adapters.latest_version(tenant, adapter_id))
+        key = self.engine.adapter_catalog.pin(tenant, adapter_id).key  # on this thread: the loop never reads the store
         return self._call_on_loop_thread(lambda: self.engine.merge.request_merge(key), chain=True)
 
     def request_unmerge(self, tenant: str, adapter_id: str) -> Future:
@@ -186,9 +193,9 @@ class AsyncEngine:
         return result
 
     def adapter_tier(self, tenant: str, adapter_id: str) -> str:
-        if self.engine.adapters is None:
+        if self.engine.residency is None:
             return "disk"
-        return self.engine.adapters.residency.tier_of(tenant, adapter_id)
+        return self.engine.residency.tier_of(tenant, adapter_id)
 
     # ---------------------------------------------------------------- the step loop (its own thread)
 
@@ -237,11 +244,12 @@ class AsyncEngine:
             else:
                 result.set_result(value)
             return None
-        request = arg
+        prepared: PreparedRequest = arg
         try:
-            self.engine.add_request(request)
-        except Exception as error:  # e.g. the adapter was deleted since submit pinned it
-            return RequestDelta(request.request_id, [], "", None, finish_reason="error", error=str(error),
+            self.engine.add(prepared)
+        except Exception as error:  # a bug (submit checked the request): end this request, not the loop
+            logger.exception("request %s could not be queued", prepared.request_id)
+            return RequestDelta(prepared.request_id, [], "", None, finish_reason="error", error=str(error),
                                 error_type=error_type_of(error))
         return None
 

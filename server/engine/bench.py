@@ -26,14 +26,12 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from adapters_store import AdapterStore, full_module_name
+from adapters_store import LORA_TARGET_MODULES, AdapterStore, full_module_name
 from adapters_store.bench import make_upload
-from server.engine.generate_all import generate_all, merge_and_wait
+from server.engine.build import EngineOptions, base_description, open_engine
 from server.engine.request import EngineRequest
 from server.engine.sampler import SamplingParams
-from server.engine.setup import EngineOptions, base_description, open_engine
-
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from server.model.config import ModelConfig, lora_target_shapes
 
 
 def write_checkpoint(out: Path, hidden: int, layers: int, vocab: int, max_len: int) -> None:
@@ -43,7 +41,6 @@ def write_checkpoint(out: Path, hidden: int, layers: int, vocab: int, max_len: i
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
               "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": max_len,
               "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32"}
-    head_dim = hidden // heads
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -51,9 +48,8 @@ def write_checkpoint(out: Path, hidden: int, layers: int, vocab: int, max_len: i
 
     tensors = {"model.embed_tokens.weight": randn(vocab, hidden), "model.norm.weight": torch.ones(hidden),
                "lm_head.weight": randn(vocab, hidden)}
-    shapes = {"q_proj": (heads * head_dim, hidden), "k_proj": (kv_heads * head_dim, hidden),
-              "v_proj": (kv_heads * head_dim, hidden), "o_proj": (hidden, heads * head_dim),
-              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    shapes = {module: (out_features, in_features)  # HF weights are [out, in]
+              for module, (in_features, out_features) in lora_target_shapes(ModelConfig.from_hf(config)).items()}
     for layer in range(layers):
         tensors[f"model.layers.{layer}.input_layernorm.weight"] = torch.ones(hidden)
         tensors[f"model.layers.{layer}.post_attention_layernorm.weight"] = torch.ones(hidden)
@@ -105,7 +101,7 @@ def main() -> None:
         store = AdapterStore.open(Path(tmp) / "store", base)
         num_adapters = max(args.adapters, args.requests)
         for k in range(num_adapters):
-            store.put("default", f"a{k}", make_upload(base, args.rank, MODULES, seed=k))
+            store.put("default", f"a{k}", make_upload(base, args.rank, LORA_TARGET_MODULES, seed=k))
         options = EngineOptions(device=args.device, lora_backend=args.lora_backend, max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=max(2048, args.max_num_seqs),
                                 max_adapters_on_device=args.max_num_seqs, max_lora_rank=args.rank,
@@ -123,15 +119,15 @@ def main() -> None:
         runs.append(("one, merged", ["a0"] * args.requests))  # merged mode: a0 folded into the base weights
         for name, adapters in runs:
             if name == "one, merged":
-                merge_and_wait(engine, "a0")
+                engine.merge_and_wait("a0")
             requests = [EngineRequest(p, sampling, adapter_id=a, request_id=str(i))
                         for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
-            generate_all(engine, requests)  # warm-up
+            engine.generate(requests)  # warm-up
             loads_before, steps_before = engine.stats().residency.loads, engine.num_steps
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            results = generate_all(engine, requests)
+            results = engine.generate(requests)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start

@@ -1,13 +1,16 @@
 """The engine: requests in, deltas out, one step at a time. Single-threaded; AsyncEngine runs it on its own thread.
 
-    engine.add_request(request)      # validates and pins the adapter version; raises RequestError, AdapterNotFound
+    prepared = engine.prepare(request)  # checks it and pins its adapter version; RequestError, AdapterNotFound
+    engine.add(prepared)                # queues it (engine.add_request(request) does both)
     while engine.has_unfinished():
-        for delta in engine.step():  # one scheduled batch through the model, then what each request produced
+        for delta in engine.step():     # one scheduled batch through the model, then what each request produced
             ...
 
-A step: the scheduler picks the batch (decodes, prefill chunks, admissions), the model runner runs it and samples,
-the scheduler advances the sequences (EOS, length), then stop strings are checked on the new text. Requests that
-finished for any reason (stop, length, timeout, abort, error) get their last delta.
+`prepare` is where requests enter: the one check of a request and the one registry read for its adapter happen there,
+on the caller's thread, so a step never reads the store. A step: the scheduler picks the batch (decodes, prefill
+chunks, admissions), the model runner runs it and samples, the scheduler advances the sequences (EOS, length), then
+stop strings are checked on the new text. Requests that finished for any reason (stop, length, timeout, abort, error)
+get their last delta. `generate` runs a list of requests to completion (the offline command, tests, benchmark).
 
 Failures stay as small as they can: a request whose row cannot be sampled (non-finite logits from its adapter, a
 draw that raises) ends alone with an error while the rest of its step goes on; a step that raises is run once more
@@ -16,23 +19,74 @@ before its requests end with an error, since a fault that cannot be pinned on on
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.engine.adapter_gate import AdapterGate
-from server.engine.merge_control import MergeControl
-from server.engine.model_runner import MAX_LOGPROBS, ModelRunner, SampledToken, StepResult
-from server.engine.request import EngineRequest, RequestDelta, RequestError, TokenLogprob, error_type_of
-from server.engine.scheduled_batch import ScheduledBatch
-from server.engine.scheduler import Scheduler
-from server.engine.scheduler_config import SchedulerConfig
-from server.engine.sequence import Sequence
-from server.engine.stats import EngineStats
+from adapters_store import AdapterNotFound
+from server.engine.adapters.catalog import AdapterCatalog
+from server.engine.adapters.keys import PinnedAdapter
+from server.engine.adapters.residency import Residency, ResidencyCounters
+from server.engine.merging.control import MergeControl, MergeStats
+from server.engine.model_runner import ModelRunner, SampledToken, StepResult
+from server.engine.request import (
+    EngineRequest,
+    PreparedRequest,
+    RequestDelta,
+    RequestError,
+    TokenLogprob,
+    check_request,
+    error_type_of,
+)
+from server.engine.sampler import make_generator
+from server.engine.scheduling.batch import ScheduledBatch
+from server.engine.scheduling.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduling.sequence import Sequence
 from server.engine.text_output import IncrementalText
 
 logger = logging.getLogger(__name__)
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine for metrics and health: plain numbers, taken between steps."""
+
+    num_running: int  # admitted: running, loading their adapter, or between prefill chunks
+    num_waiting: int  # queued, or preempted and waiting to recompute
+    num_kv_blocks: int
+    num_kv_blocks_used: int
+    num_preemptions: int  # since start
+    num_steps: int
+    num_prompt_tokens_total: int
+    num_generated_tokens_total: int
+    num_step_failures: int  # steps that raised on their retry too (their requests ended with an error)
+    num_step_retries: int  # steps that raised once and were run again
+    residency: ResidencyCounters | None = None  # None when the engine serves no adapters
+    merge: MergeStats | None = None
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_kv_blocks_used / self.num_kv_blocks
+
+
+@dataclass
+class Completion:
+    """One request's whole output, as `Engine.generate` collects it from its deltas."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    num_deltas: int = 0
+
+    def add(self, delta: RequestDelta) -> None:
+        self.token_ids += delta.token_ids
+        self.text += delta.text
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        self.finish_reason, self.error = delta.finish_reason, delta.error
+        self.num_deltas += 1
 
 
 @dataclass
@@ -48,17 +102,19 @@ class _RequestState:
 
 class Engine:
     def __init__(self, runner: ModelRunner, config: SchedulerConfig, tokenizer, vocab_size: int,
-                 adapters: AdapterGate | None = None, merge: MergeControl | None = None) -> None:
+                 adapter_catalog: AdapterCatalog | None = None, residency: Residency | None = None,
+                 merge: MergeControl | None = None) -> None:
+        assert (adapter_catalog is None) == (residency is None), "adapters need both a catalog and residency"
         self.runner = runner
         self.merge = merge  # None: never merged
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.adapters = adapters  # None: the base model only
-        self.scheduler = Scheduler(config, adapters)
+        self.adapter_catalog = adapter_catalog  # None: the base model only
+        self.residency = residency
+        self.scheduler = Scheduler(config, residency)
         self._requests: dict[str, _RequestState] = {}
         self._by_seq: dict[int, _RequestState] = {}
-        self._num_logprobs: dict[int, int] = {}  # seq_id -> alternatives asked for, for requests that want logprobs
         self._next_seq_id = 0
         self.num_steps = 0
         self.num_prompt_tokens_total = 0
@@ -68,39 +124,32 @@ class Engine:
 
     # ---------------------------------------------------------------- requests in
 
-    def add_request(self, request: EngineRequest) -> None:
-        self.check_request(request)
+    def prepare(self, request: EngineRequest) -> PreparedRequest:
+        """Check `request` and pin its adapter version: where requests enter the engine. Raises RequestError for what
+        no step could run, AdapterNotFound / AdapterUnusable for its adapter. Reads the registry when it names an
+        adapter, so call it on the submitter's thread (AsyncEngine.submit does), never on the step loop's."""
+        check_request(request, self.config.max_model_len, self.vocab_size)
+        return PreparedRequest(request, self._pin(request))
+
+    def add(self, prepared: PreparedRequest) -> None:
+        """Queue a prepared request; it joins the next step. No store read and no check but its id."""
+        request = prepared.request
         if request.request_id in self._requests:
             raise RequestError(f"request id {request.request_id!r} is already running")
-        eos = frozenset(self.tokenizer.eos_token_ids)
-        seq = Sequence(self._next_seq_id, list(request.prompt_token_ids), request.sampling.max_new_tokens, eos,
-                       adapter_id=request.adapter_id, tenant=request.tenant,
-                       adapter_version=request.adapter_version, sampling=request.sampling,
-                       deadline=request.deadline)
-        self.scheduler.add(seq)  # pins the adapter's newest version; AdapterNotFound for an unknown one
+        seq = Sequence(self._next_seq_id, list(request.prompt_token_ids), request.sampling.max_new_tokens,
+                       frozenset(self.tokenizer.eos_token_ids), tenant=request.tenant, adapter=prepared.adapter,
+                       sampling=request.sampling, generator=make_generator(request.sampling),
+                       num_logprobs=request.logprobs, deadline=request.deadline)
+        self.scheduler.add(seq)
         self._next_seq_id += 1
         state = _RequestState(request, seq, IncrementalText(self.tokenizer.decode, request.stop), time.monotonic())
         self._requests[request.request_id] = state
         self._by_seq[seq.seq_id] = state
-        if request.logprobs is not None:
-            self._num_logprobs[seq.seq_id] = request.logprobs
         self.num_prompt_tokens_total += seq.num_prompt_tokens
 
-    def check_request(self, request: EngineRequest) -> None:
-        """Raise RequestError for what no step could run (checked before anything is queued)."""
-        prompt, max_len = request.prompt_token_ids, self.config.max_model_len
-        if not prompt:
-            raise RequestError("the prompt is empty")
-        if len(prompt) >= max_len:
-            raise RequestError(f"the prompt has {len(prompt)} tokens; this model takes at most {max_len} tokens "
-                               f"in all, so a prompt may have at most {max_len - 1}")
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt):
-            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in request.stop):
-            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_STRING_CHARS} "
-                               f"characters each")
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
-            raise RequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {request.logprobs}")
+    def add_request(self, request: EngineRequest) -> None:
+        """prepare, then add: for callers on the step loop's own thread (offline generation, tests)."""
+        self.add(self.prepare(request))
 
     def abort(self, request_id: str) -> bool:
         """Cancel: its blocks and adapter hold go at once; its last delta comes from the next step."""
@@ -110,9 +159,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._requests)
+    def _pin(self, request: EngineRequest) -> PinnedAdapter | None:
+        if request.adapter_id is None:
+            return None
+        if self.adapter_catalog is None:
+            raise AdapterNotFound(f"adapter {request.adapter_id!r}: this server serves the base model only")
+        return self.adapter_catalog.pin(request.tenant, request.adapter_id, request.adapter_version)
 
     # ---------------------------------------------------------------- one step
 
@@ -156,15 +208,15 @@ class Engine:
         """The runner's result; None when it raised twice and the batch's requests were ended with an error.
 
         A rerun is safe (see ModelRunner.run): nothing between the two attempts touches the scheduler, so the
-        batch's block tables and positions are the same, and the rerun rewrites the same KV cache slots."""
+        batch's block tables and positions are the same, and the rerun rewrites the same KV cache entries."""
         try:
-            return self.runner.run(batch, self._num_logprobs)
+            return self.runner.run(batch)
         except Exception as error:  # why: a fault that names no one request may be transient; one more try
             logger.warning("a model step of %d requests failed (%s: %s); running it again", batch.num_seqs,
                            type(error).__name__, error)
             self.num_step_retries += 1
         try:
-            return self.runner.run(batch, self._num_logprobs)
+            return self.runner.run(batch)
         except Exception as error:  # why: one bad step must fail its own requests, not the server
             logger.exception("a model step failed twice; finishing its %d requests with an error", batch.num_seqs)
             self.num_step_failures += 1
@@ -195,9 +247,39 @@ class Engine:
         if final:
             del self._requests[state.request.request_id]
             del self._by_seq[seq.seq_id]
-            self._num_logprobs.pop(seq.seq_id, None)
-            self.runner.forget(seq.seq_id)
         return delta
+
+    # ---------------------------------------------------------------- whole runs (offline, tests, benchmark)
+
+    def generate(self, requests: list[EngineRequest | PreparedRequest], arrivals: list[int] | None = None,
+                 on_step: Callable[["Engine"], None] | None = None) -> list[Completion]:
+        """Run `requests` to completion; their whole outputs, in request order. `arrivals[i]` is the step before which
+        request i is added (default: all at once), to exercise continuous batching; `on_step` is called after every
+        step (tests use it to check invariants). The API streams deltas instead."""
+        arrivals = list(arrivals) if arrivals is not None else [0] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: arrivals[i])
+        completions = {r.request_id: Completion(r.request_id) for r in requests}
+        assert len(completions) == len(requests), "request ids must be unique"
+        step, next_index = 0, 0
+        while next_index < len(order) or self.has_unfinished():
+            while next_index < len(order) and arrivals[order[next_index]] <= step:
+                request = requests[order[next_index]]
+                self.add(request if isinstance(request, PreparedRequest) else self.prepare(request))
+                next_index += 1
+            for delta in self.step():
+                completions[delta.request_id].add(delta)
+            if on_step is not None:
+                on_step(self)
+            step += 1
+        return [completions[r.request_id] for r in requests]
+
+    def merge_and_wait(self, adapter_id: str, tenant: str = "default") -> None:
+        """Merge the adapter's newest version, stepping the engine until it is done (raises MergeRefused)."""
+        assert self.merge is not None and self.adapter_catalog is not None, "this engine serves no adapters"
+        done = self.merge.request_merge(self.adapter_catalog.pin(tenant, adapter_id).key)
+        while not done.done():
+            self.step()
+        done.result()
 
     # ---------------------------------------------------------------- observation
 
@@ -214,6 +296,6 @@ class Engine:
             num_generated_tokens_total=self.num_generated_tokens_total,
             num_step_failures=self.num_step_failures,
             num_step_retries=self.num_step_retries,
-            residency=self.adapters.residency.counters() if self.adapters is not None else None,
+            residency=self.residency.counters() if self.residency is not None else None,
             merge=self.merge.stats() if self.merge is not None else None,
         )

@@ -1,29 +1,27 @@
 """The one module that turns a scheduled batch into tensors, runs the model, and samples.
 
-Per step: flat token ids and positions for every chunk (prefill chunks and decodes together), each chunk's key slots
-in the paged cache (from its block table), each token's LoRA slot (from residency), one forward pass, logits only at
-the last position of chunks that end at their sequence's last token, and one sample for each of those.
+Per step: flat token ids and positions for every chunk (prefill chunks and decodes together), each chunk's cache
+indices in the paged KV cache (from its block table), each token's LoRA slot (the chunk's, which the scheduler read
+from the sequence's hold), one forward pass, logits only at the last position of chunks that end at their sequence's
+last token, and one sample for each of those with the sequence's own sampling state.
 
 A sequence whose row cannot be sampled (its logits are NaN or infinite, e.g. from a broken adapter; or its draw
 raises) is reported in `StepResult.failed` rather than failing the step: the others get their tokens as usual.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.adapter_key import AdapterKey
-from server.engine.request import TokenLogprob
-from server.engine.sampler import SamplingParams, make_generator, sample_rows
-from server.engine.scheduled_batch import ScheduledBatch
-from server.engine.sequence import Sequence
+from server.engine.request import MAX_LOGPROBS, TokenLogprob
+from server.engine.sampler import SamplingParams, sample_rows
+from server.engine.scheduling.batch import ScheduledBatch
+from server.engine.scheduling.sequence import Sequence
 from server.model.attention import PagedKVCache, PagedSequenceChunk
 from server.model.llama import LlamaModel
 from server.model.lora_linear import LoraBatches
-
-MAX_LOGPROBS = 20  # alternatives reported per token; OpenAI's own cap
 
 
 @dataclass(frozen=True)
@@ -39,38 +37,31 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, slot_of: Callable[[AdapterKey], int],
+    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache,
                  lora_batches: Callable[[list[int]], LoraBatches] | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
-        self.slot_of = slot_of  # the device slot of a held, ready adapter version
         self.device = model.embed_tokens.weight.device
         # Per-token slots -> the LoRA batches of a forward pass (MergeControl's, which compensate while merged).
         self.lora_batches = lora_batches or (lambda token_slots: LoraBatch.build(token_slots, self.device))
-        self._generators: dict[int, torch.Generator | None] = {}  # seq_id -> its own random stream, kept to the end
         self._block_offsets = torch.arange(self.block_size, device=self.device)
 
-    def forget(self, seq_id: int) -> None:
-        """The sequence finished: drop its random stream."""
-        self._generators.pop(seq_id, None)
-
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, num_logprobs: Mapping[int, int] | None = None) -> StepResult:
+    def run(self, batch: ScheduledBatch) -> StepResult:
         """One forward pass over `batch`; a token (or why none) for every chunk with is_sampled, by seq_id.
 
-        Safe to rerun after it raised: the KV cache writes land only in the batch's own slots and a rerun rewrites
-        them, and the generators advance only in the draws, which come after the forward pass, the logits and their
-        first host sync (where an asynchronous device error surfaces). Only the logprob bookkeeping follows them."""
+        Safe to rerun after it raised: the KV cache writes land only in the batch's own cache entries and a rerun
+        rewrites them, and the generators advance only in the draws, which come after the forward pass, the logits and
+        their first host sync (where an asynchronous device error surfaces). Only the logprob bookkeeping follows."""
         ids, positions, token_slots, chunks = [], [], [], []
         for chunk in batch.chunks:
             seq, start, n = chunk.seq, chunk.start_position, chunk.num_tokens
             chunks.append(PagedSequenceChunk(token_start=len(ids), num_tokens=n, start_position=start,
-                                             key_slots=self._key_slots(seq.block_table, start + n)))
+                                             cache_indices=self._cache_indices(seq.block_table, start + n)))
             ids += chunk.token_ids
             positions += range(start, start + n)
-            key = seq.adapter_key
-            token_slots += [NO_SLOT if key is None else self.slot_of(key)] * n
+            token_slots += [NO_SLOT if chunk.lora_slot is None else chunk.lora_slot] * n
         self.kv_cache.set_batch(tuple(chunks))
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                             self.kv_cache, self.lora_batches(token_slots))  # [num_tokens, hidden]
@@ -82,11 +73,10 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[last_rows]).float()  # [num_sampled, vocab]
         seqs = [c.seq for c, _ in sampled]
         params: list[SamplingParams] = [seq.sampling or SamplingParams() for seq in seqs]
-        generators = [self._generator(seq.seq_id, p) for seq, p in zip(seqs, params, strict=True)]
-        rows = sample_rows(logits, params, generators)
+        rows = sample_rows(logits, params, [seq.generator for seq in seqs])
         good = [row for row, token in enumerate(rows.token_ids) if token is not None]
         tokens = [rows.token_ids[row] for row in good]
-        wanted = [(num_logprobs or {}).get(seqs[row].seq_id) for row in good]
+        wanted = [seqs[row].num_logprobs for row in good]
         good_logits = logits if len(good) == len(seqs) else logits[good]  # [num_good, vocab]
         logprobs = self._logprobs(good_logits, tokens, wanted) if good else []
         return StepResult(
@@ -95,17 +85,11 @@ class ModelRunner:
             failed={seqs[row].seq_id: f"{why} ({_served_by(seqs[row])})" for row, why in rows.errors.items()},
         )
 
-    def _key_slots(self, block_table: list[int], num_positions: int) -> torch.Tensor:
-        """Cache slots of positions [0, num_positions): block b holds positions b*size .. b*size + size - 1."""
+    def _cache_indices(self, block_table: list[int], num_positions: int) -> torch.Tensor:
+        """Cache indices of positions [0, num_positions) (BlockManager.cache_indices, on the device): block b holds
+        positions b*size .. b*size + size - 1."""
         blocks = torch.tensor(block_table, device=self.device)
         return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:num_positions]
-
-    def _generator(self, seq_id: int, params: SamplingParams) -> torch.Generator | None:
-        # Why per sequence and kept across preemption: a seeded request draws the same stream whatever shares its
-        # batch, and a recompute after preemption continues it rather than restarting it.
-        if seq_id not in self._generators:
-            self._generators[seq_id] = make_generator(params)
-        return self._generators[seq_id]
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[TokenLogprob | None]:

@@ -1,4 +1,5 @@
-"""What callers hand the engine (`EngineRequest`) and what they get back as it runs (`RequestDelta`).
+"""What callers hand the engine (`EngineRequest`), what it makes of it on the way in (`check_request`, then
+`PreparedRequest`), and what they get back as it runs (`RequestDelta`).
 
 The engine's narrow interface: the API and the CLI speak only these types (plus the errors below), never Sequence
 or the scheduler.
@@ -9,9 +10,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from adapters_store import AdapterNotFound, AdapterUnusable
-from server.engine.adapter_key import AdapterLoadError
+from server.engine.adapters.keys import AdapterLoadError, PinnedAdapter
 from server.engine.sampler import SamplingParams
-from server.engine.sequence import FinishReason
+from server.engine.scheduling.sequence import FinishReason
+
+MAX_LOGPROBS = 20  # alternatives reported per token; OpenAI's own cap
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
 
 _request_numbers = itertools.count()
 
@@ -21,7 +26,13 @@ def new_request_id() -> str:
 
 
 class RequestError(ValueError):
-    """A request the engine cannot take as asked (empty or over-long prompt, bad token ids, a bad stop list)."""
+    """A request the engine cannot take as asked (empty or over-long prompt, bad token ids, a bad stop list).
+    `field` names the request field at fault and `code` says what is wrong, where the API reports them."""
+
+    def __init__(self, message: str, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.code = code
 
 
 class QueueFullError(RuntimeError):
@@ -55,11 +66,43 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter_id: str | None = None  # None: the base model
     tenant: str = "default"
-    adapter_version: int | str | None = None  # None: pinned to the newest stored version when submitted
+    adapter_version: int | None = None  # None: pinned to the newest stored version when submitted
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings; it is not part of the text
     logprobs: int | None = None  # None: none; n >= 0: the chosen token's logprob and the n most likely alternatives
     deadline: float | None = None  # time.monotonic() seconds; past it the request ends with "timeout"
     request_id: str = field(default_factory=new_request_id)
+
+
+def check_request(request: EngineRequest, max_model_len: int, vocab_size: int) -> None:
+    """Raise RequestError for what no step could run. The one check of a request: Engine.prepare calls it where
+    requests enter the engine, before anything is queued."""
+    prompt = request.prompt_token_ids
+    if not prompt:
+        raise RequestError("the prompt is empty")
+    if len(prompt) >= max_model_len:
+        raise RequestError(f"the prompt has {len(prompt)} tokens, but this model takes at most {max_model_len} tokens "
+                           f"in all (prompt and output), so a prompt may have at most {max_model_len - 1}",
+                           field="prompt", code="context_length_exceeded")
+    if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt):
+        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in request.stop):
+        raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_STRING_CHARS} "
+                           f"characters each")
+    if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+        raise RequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {request.logprobs}")
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request the engine has checked and pinned (Engine.prepare): it goes into the queue as it is, with no store
+    read and no second check on the step loop's thread."""
+
+    request: EngineRequest
+    adapter: PinnedAdapter | None  # the adapter version it runs with; None: the base model
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
 @dataclass(frozen=True)

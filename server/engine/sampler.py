@@ -105,15 +105,6 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     return SampledRows(tokens, errors)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits [num_seqs, vocab] fp32 -> one token id per sequence; RuntimeError if any row cannot be sampled."""
-    rows = sample_rows(logits, params, generators)
-    if rows.errors:
-        row, why = next(iter(rows.errors.items()))
-        raise RuntimeError(f"row {row}: {why}")
-    return [token for token in rows.token_ids if token is not None]
-
-
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     # logits: [vocab], on the CPU because the request's generator lives there
     logits = logits / params.temperature

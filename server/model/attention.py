@@ -110,19 +110,20 @@ class ContiguousKVCache:
 @dataclass(frozen=True)
 class PagedSequenceChunk:
     """`num_tokens` new tokens of one sequence at `token_start` in the flat batch, at positions `start_position`..;
-    `key_slots[p]` is where position p's K/V lives in the paged cache, for every position up to the last new one."""
+    `cache_indices[p]` is where position p's K/V lives in the paged cache, for every position up to the last new one.
+    """
 
     token_start: int
     num_tokens: int
     start_position: int
-    key_slots: torch.Tensor  # [start_position + num_tokens] int64, on the cache's device
+    cache_indices: torch.Tensor  # [start_position + num_tokens] int64, on the cache's device
 
 
 class PagedKVCache:
-    """K/V in fixed-size blocks shared by all sequences: k_cache/v_cache [num_layers, num_slots, num_kv_heads,
-    head_dim] with num_slots = num_blocks * block_size. The engine's block manager decides which slot holds which
-    position; this class only writes and reads through those slots (the CPU path, and the GPU one until a Triton
-    attention kernel lands)."""
+    """K/V in fixed-size blocks shared by all sequences: k_cache/v_cache [num_layers, num_entries, num_kv_heads,
+    head_dim] with num_entries = num_blocks * block_size. The engine's block manager decides which cache index holds
+    which position; this class only writes and reads through those indices (the CPU path, and the GPU one until a
+    Triton attention kernel lands)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, sliding_window: int | None = None) -> None:
@@ -132,25 +133,25 @@ class PagedKVCache:
         self.block_size = block_size
         self.sliding_window = sliding_window
         self.chunks: tuple[PagedSequenceChunk, ...] = ()
-        self.new_token_slots = torch.empty(0, dtype=torch.int64)
+        self.new_token_cache_indices = torch.empty(0, dtype=torch.int64)
 
     def set_batch(self, chunks: tuple[PagedSequenceChunk, ...]) -> None:
         """Describe the next forward pass; chunks must tile the flat batch in order."""
         self.chunks = chunks
-        # slot of every new token, in flat-batch order: [num_tokens]
-        self.new_token_slots = torch.cat([c.key_slots[c.start_position:] for c in chunks]) if chunks else \
-            torch.empty(0, dtype=torch.int64, device=self.k_cache.device)
+        # cache index of every new token, in flat-batch order: [num_tokens]
+        self.new_token_cache_indices = torch.cat([c.cache_indices[c.start_position:] for c in chunks]) if chunks \
+            else torch.empty(0, dtype=torch.int64, device=self.k_cache.device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.k_cache[layer, self.new_token_slots] = k
-        self.v_cache[layer, self.new_token_slots] = v
+        self.k_cache[layer, self.new_token_cache_indices] = k
+        self.v_cache[layer, self.new_token_cache_indices] = v
         if all(chunk.num_tokens == 1 for chunk in self.chunks):
             return self._attend_decode(layer, q)
         out = torch.empty_like(q)
         for chunk in self.chunks:
             new = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-            keys = self.k_cache[layer, chunk.key_slots].transpose(0, 1)  # [num_kv_heads, context, head_dim]
-            values = self.v_cache[layer, chunk.key_slots].transpose(0, 1)
+            keys = self.k_cache[layer, chunk.cache_indices].transpose(0, 1)  # [num_kv_heads, context, head_dim]
+            values = self.v_cache[layer, chunk.cache_indices].transpose(0, 1)
             mask = causal_mask(chunk.num_tokens, chunk.start_position, self.sliding_window, q.device)
             attended = F.scaled_dot_product_attention(q[new].transpose(0, 1), keys, values, attn_mask=mask,
                                                       enable_gqa=True)
@@ -161,9 +162,9 @@ class PagedKVCache:
         """One new token per sequence: gather every sequence's keys into one padded tensor, one SDPA call."""
         context_lens = [c.start_position + 1 for c in self.chunks]
         max_len = max(context_lens)
-        # Pad each key-slot list with its own last slot; the mask hides the padding.
-        padded = torch.stack([F.pad(c.key_slots, (0, max_len - len(c.key_slots)), value=int(c.key_slots[-1]))
-                              for c in self.chunks])  # [num_seqs, max_len]
+        # Pad each sequence's cache indices with its own last one; the mask hides the padding.
+        padded = torch.stack([F.pad(c.cache_indices, (0, max_len - len(c.cache_indices)),
+                                    value=int(c.cache_indices[-1])) for c in self.chunks])  # [num_seqs, max_len]
         keys = self.k_cache[layer, padded].transpose(1, 2)  # [num_seqs, num_kv_heads, max_len, head_dim]
         values = self.v_cache[layer, padded].transpose(1, 2)
         positions = torch.tensor([n - 1 for n in context_lens], device=q.device)[:, None]

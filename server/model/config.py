@@ -6,6 +6,19 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
+# The LoRA targets by their Hugging Face / PEFT names, and where each lives in our packed projections:
+# name -> (packed projection, slice). server/'s one list of them; adapters_store.LORA_TARGET_MODULES is the store's
+# (it may not import the server), and BaseModelDescription asserts that the two agree.
+PACKED_MODULES: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "o_proj": ("o_proj", 0),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+}
+
 
 class ModelConfigError(ValueError):
     """The checkpoint asks for something this server does not implement."""
@@ -112,6 +125,20 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             checkpoint_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
         )
+
+
+def lora_target_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """name -> (in_features, out_features) of every LoRA target, the same in every layer: what the store validates
+    adapters against (the base description) and what the slot writer checks them by."""
+    hidden, inter, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    packed = {  # packed projection -> (in_features, out_features of each slice), as server.model.llama builds them
+        "qkv_proj": (hidden, (q, kv, kv)),
+        "o_proj": (q, (hidden,)),
+        "gate_up_proj": (hidden, (inter, inter)),
+        "down_proj": (inter, (hidden,)),
+    }
+    return {name: (packed[projection][0], packed[projection][1][k])
+            for name, (projection, k) in PACKED_MODULES.items()}
 
 
 def _as_id_tuple(value: int | list[int] | None) -> tuple[int, ...]:

@@ -11,20 +11,12 @@ import torch
 from torch import nn
 
 from server.model.attention import AttentionBackend
-from server.model.config import ModelConfig
+from server.model.config import PACKED_MODULES, ModelConfig
 from server.model.lora_linear import LoraBatches, LoraLinear, SliceWeights
 from server.model.rope import RotaryEmbedding
 
-# Our packed projections, and where each Hugging Face / PEFT module name lives inside them: name -> (attr, slice).
-PACKED_MODULES: dict[str, tuple[str, int]] = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "o_proj": ("o_proj", 0),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-    "down_proj": ("down_proj", 0),
-}
+# PACKED_MODULES (each Hugging Face / PEFT module name -> our packed projection and slice) is defined beside the
+# shapes it implies, in server.model.config; importers of this module find it here too.
 
 
 class RMSNorm(nn.Module):

@@ -1,5 +1,6 @@
-"""Text <-> token ids for a checkpoint directory: `tokenizer.json` through the `tokenizers` library, plus the
-special-token facts from `tokenizer_config.json` and `generation_config.json`."""
+"""Text <-> token ids for a checkpoint directory: `tokenizer.json` through the `tokenizers` library, plus the EOS ids
+from `generation_config.json` (or `tokenizer_config.json`). The chat template is the API's to read
+(server.api.chat_template)."""
 
 import json
 from dataclasses import dataclass
@@ -14,8 +15,6 @@ from server.model.config import ModelConfigError
 class Tokenizer:
     backend: HFTokenizer
     eos_token_ids: tuple[int, ...]
-    bos_token_id: int | None
-    chat_template: str | None
 
     def encode(self, text: str) -> list[int]:
         """Ids as the model was trained to see them (the tokenizer's post-processor adds BOS where it should)."""
@@ -23,10 +22,6 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.backend.decode(token_ids, skip_special_tokens=True)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
 
 
 def load_tokenizer(model_dir: str | Path, config_eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
@@ -46,9 +41,7 @@ def load_tokenizer(model_dir: str | Path, config_eos_token_ids: tuple[int, ...] 
         token_id = backend.token_to_id(tokenizer_config["eos_token"])
         if token_id is not None:
             eos.append(token_id)
-    bos = generation_config.get("bos_token_id")
-    return Tokenizer(backend=backend, eos_token_ids=tuple(eos), bos_token_id=bos,
-                     chat_template=tokenizer_config.get("chat_template"))
+    return Tokenizer(backend=backend, eos_token_ids=tuple(eos))
 
 
 def _read_json(path: Path) -> dict:

@@ -13,7 +13,7 @@ from adapters_store import StoreLimits
 from server.api.loading import ServeTarget
 from server.api.serve import add_serve_arguments
 from server.demo import tasks
-from server.engine.setup import EngineOptions
+from server.engine.build import EngineOptions
 from tests.api.conftest import (
     ACME_ADMIN,
     MAX_BODY_BYTES,

@@ -13,12 +13,12 @@ from kernels.lora_batch import LoraBatch
 from server.cli import main
 from server.demo import tasks
 from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
-from server.engine.base_description import describe_base_model
-from server.engine.offline import GenerationRequest, generate, load_adapters_into_slots
+from server.engine.build import describe_base_model
 from server.engine.sampler import SamplingParams
 from server.model.attention import ContiguousKVCache, SequenceChunk
 from server.model.loader import load_model
 from server.model.tokenizer import load_tokenizer
+from tests.engine.offline_reference import GenerationRequest, generate, load_adapters_into_slots
 from tests.reference import assert_close_relative
 
 MAX_NEW_TOKENS = tasks.MAX_TEXT_CHARS + 2  # the longest transform, its EOS, and one token of slack

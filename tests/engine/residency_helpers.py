@@ -6,8 +6,8 @@ from collections import Counter
 import torch
 
 from adapters_store import LoraAdapter, LoraModuleWeights
-from server.engine.adapter_key import AdapterKey
-from server.engine.base_description import describe_base_model
+from server.engine.adapters.keys import AdapterKey
+from server.engine.build import describe_base_model
 from server.model.config import ModelConfig
 from server.model.llama import PACKED_MODULES, LlamaModel
 

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.block_manager import BlockManager
-from server.engine.sequence import Sequence
+from server.engine.scheduling.block_manager import BlockManager
+from server.engine.scheduling.sequence import Sequence
 
 
 def make_seq(seq_id: int, num_prompt: int = 1) -> Sequence:
@@ -48,17 +48,17 @@ def test_can_allocate_counts_room_left_in_own_blocks():
         blocks.allocate(b, 1)
 
 
-def test_physical_slots_follow_the_block_table():
+def test_cache_indices_follow_the_block_table():
     blocks = BlockManager(num_blocks=4, block_size=4)
     a, b = make_seq(0), make_seq(1)
     compute(blocks, a, 3)
     compute(blocks, b, 4)
     compute(blocks, a, 3)  # a: blocks 0 and 2, b: block 1
     assert a.block_table == [0, 2] and b.block_table == [1]
-    assert blocks.physical_slots(a, 0, 6) == [0, 1, 2, 3, 8, 9]
-    assert blocks.physical_slot(a, 5) == 9 and blocks.physical_slot(b, 3) == 7
+    assert blocks.cache_indices(a, 0, 6) == [0, 1, 2, 3, 8, 9]
+    assert blocks.cache_indices(a, 5, 6) == [9] and blocks.cache_indices(b, 3, 4) == [7]
     with pytest.raises(AssertionError):
-        blocks.physical_slots(b, 0, 5)
+        blocks.cache_indices(b, 0, 5)
 
 
 def test_refuses_bad_sizes():
@@ -86,8 +86,8 @@ def test_random_use_never_leaks_or_shares(num_blocks, block_size, ops):
         else:
             assert num_tokens > blocks.num_allocatable_tokens(seq)
         blocks.check_invariants(seqs)
-        slots = [s for seq in seqs for s in blocks.physical_slots(seq, 0, seq.num_computed_tokens)]
-        assert len(slots) == len(set(slots)) and all(0 <= s < num_blocks * block_size for s in slots)
+        indices = [i for seq in seqs for i in blocks.cache_indices(seq, 0, seq.num_computed_tokens)]
+        assert len(indices) == len(set(indices)) and all(0 <= i < num_blocks * block_size for i in indices)
     for seq in seqs:
         blocks.free(seq)
     assert blocks.num_free_blocks == num_blocks

@@ -4,6 +4,7 @@ deadlines, stop strings, logprobs, seeded sampling, hot-swap pinning and a faili
 
 import os
 import random
+import threading
 import time
 
 import pytest
@@ -14,8 +15,6 @@ from peft import PeftModel
 from adapters_store import AdapterNotFound, load_peft_adapter
 from server.demo import tasks
 from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
-from server.engine.generate_all import generate_all
-from server.engine.offline import GenerationRequest, generate
 from server.engine.request import EngineRequest, RequestError
 from server.engine.sampler import SamplingParams
 from tests.engine.engine_helpers import (
@@ -25,6 +24,7 @@ from tests.engine.engine_helpers import (
     put_adapter_dir,
     write_random_checkpoint,
 )
+from tests.engine.offline_reference import GenerationRequest, generate
 
 KV_BYTES_PER_TOKEN_DEMO = 2 * 4 * 2 * 32 * 4  # K and V x layers x kv heads x head_dim x fp32
 
@@ -69,7 +69,7 @@ def demo_requests(tokenizer, rng: random.Random, num: int, prefix: str = "") -> 
 
 
 def alone(engine, request: EngineRequest):
-    return generate_all(engine, [request])[0]
+    return engine.generate([request])[0]
 
 
 # ---------------------------------------------------------------------------- continuous batching == alone
@@ -80,7 +80,7 @@ def test_demo_continuous_batching_with_arrivals_equals_each_alone(demo_engine):
     requests = demo_requests(demo_engine.tokenizer, rng, 30)
     arrivals = [rng.randrange(40) for _ in requests]
     batches = record_batches(demo_engine)
-    together = generate_all(demo_engine, requests, arrivals, on_step=check_invariants)
+    together = demo_engine.generate(requests, arrivals, on_step=check_invariants)
     demo_engine.runner.run = type(demo_engine.runner).run.__get__(demo_engine.runner)
     assert max(len(adapters) for adapters in batches) >= 3, f"seed {seed}: batches never mixed adapters"
     for request, result in zip(requests, together, strict=True):
@@ -94,7 +94,7 @@ def test_demo_engine_transforms_as_trained(demo_engine):
     prompt = demo_engine.tokenizer.encode(tasks.make_prompt("hello world"))
     requests = [EngineRequest(prompt, SamplingParams(max_new_tokens=20), adapter_id=name, request_id=str(name))
                 for name in (None, *tasks.ADAPTER_NAMES)]
-    for request, result in zip(requests, generate_all(demo_engine, requests), strict=True):
+    for request, result in zip(requests, demo_engine.generate(requests), strict=True):
         assert result.text == tasks.TRANSFORMS[request.adapter_id or "copy"]("hello world")
         assert result.finish_reason == "stop" and result.token_ids[-1] in demo_engine.tokenizer.eos_token_ids
 
@@ -114,7 +114,7 @@ def test_random_model_continuous_batching_equals_alone_and_the_reference_loop(ra
                                   adapter_id=rng.choice([None, *RANDOM_ADAPTERS]), request_id=str(i))
                     for i in range(20)]
         arrivals = [rng.randrange(30) for _ in requests]
-        together = generate_all(engine, requests, arrivals, on_step=check_invariants)
+        together = engine.generate(requests, arrivals, on_step=check_invariants)
         for request, result in zip(requests, together, strict=True):
             assert result.token_ids == alone(engine, request).token_ids, f"seed {seed}, request {request.request_id}"
 
@@ -149,7 +149,7 @@ def test_forced_preemption_gives_identical_outputs(tmp_path):
             for seq in engine.scheduler.running + engine.scheduler.waiting:
                 preemptions[seq.seq_id] = seq.num_preemptions
 
-        together = generate_all(engine, requests, on_step=observe)
+        together = engine.generate(requests, on_step=observe)
         assert engine.stats().num_preemptions > 0, "the cache was meant to be too small"
         assert sum(preemptions.values()) == engine.stats().num_preemptions
         for request, result in zip(requests, together, strict=True):
@@ -193,7 +193,7 @@ def test_deadline_times_out_waiting_and_running_requests(demo_engine):
     expired = EngineRequest(prompt, deadline=time.monotonic() - 1, request_id="expired")
     soon = EngineRequest(prompt, SamplingParams(max_new_tokens=500), deadline=time.monotonic() + 0.25,
                          request_id="soon")
-    results = generate_all(demo_engine, [expired, soon], on_step=lambda e: time.sleep(0.1))  # EOS needs 9 steps
+    results = demo_engine.generate([expired, soon], on_step=lambda e: time.sleep(0.1))  # EOS needs 9 steps
     assert results[0].finish_reason == "timeout" and results[0].token_ids == []
     assert results[1].finish_reason == "timeout" and 0 < len(results[1].token_ids) < 9
     assert demo_engine.scheduler.block_manager.num_used_blocks == 0
@@ -214,14 +214,14 @@ def test_stop_strings_cut_the_text_and_stream_nothing_of_them(demo_engine):
     assert all("o w" not in d.text for d in deltas) and len([d for d in deltas if d.text]) > 1, "it streamed"
     upper = EngineRequest(prompt, SamplingParams(max_new_tokens=20), adapter_id="upper", stop=("WOR",),
                           request_id="stop-upper")
-    assert generate_all(demo_engine, [upper])[0].text == "HELLO "
+    assert demo_engine.generate([upper])[0].text == "HELLO "
 
 
 def test_logprobs_match_transformers_and_peft(demo_engine):
     prompt = demo_engine.tokenizer.encode(tasks.make_prompt("log probs"))
     request = EngineRequest(prompt, SamplingParams(max_new_tokens=12), adapter_id="upper", logprobs=3,
                             request_id="logprobs")
-    result = generate_all(demo_engine, [request])[0]
+    result = demo_engine.generate([request])[0]
     assert len(result.logprobs) == len(result.token_ids)
     hf = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR),
                                    demo_adapter_dirs()["upper"]).eval()
@@ -247,7 +247,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(demo_engine):
     crowd = demo_requests(demo_engine.tokenizer, rng, 10, prefix="crowd-")
     crowd += [EngineRequest(prompt, SamplingParams(max_new_tokens=16, temperature=1.0), request_id=f"unseeded-{i}")
               for i in range(3)]
-    results = generate_all(demo_engine, [*crowd, seeded], arrivals=[0] * len(crowd) + [3])
+    results = demo_engine.generate([*crowd, seeded], arrivals=[0] * len(crowd) + [3])
     assert results[-1].token_ids == first, f"seed {seed}"
 
 
@@ -306,9 +306,9 @@ def test_a_failing_step_fails_its_requests_and_the_engine_carries_on(demo_engine
         return original(batch, *args, **kwargs)
 
     monkeypatch.setattr(runner, "run", failing_twice)
-    failed = generate_all(demo_engine, [EngineRequest(prompt, request_id="doomed")])[0]
+    failed = demo_engine.generate([EngineRequest(prompt, request_id="doomed")])[0]
     assert failed.finish_reason == "error" and "injected device error" in failed.error
-    ok = generate_all(demo_engine, [EngineRequest(prompt, SamplingParams(max_new_tokens=10), request_id="ok")])[0]
+    ok = demo_engine.generate([EngineRequest(prompt, SamplingParams(max_new_tokens=10), request_id="ok")])[0]
     assert ok.text == "fail" and ok.finish_reason == "stop"
     assert demo_engine.scheduler.block_manager.num_used_blocks == 0
 
@@ -325,3 +325,72 @@ def test_an_adapter_deleted_after_pinning_ends_its_request_as_not_found(demo_eng
         deltas += demo_engine.step()
     assert deltas[-1].finish_reason == "error" and deltas[-1].token_ids == []
     assert deltas[-1].error_type == "adapter_not_found", deltas[-1].error
+
+
+# ---------------------------------------------------------------------------- where requests enter, and what they carry
+
+
+def test_steps_go_on_while_an_upload_holds_the_registry(tmp_path):
+    """A request's adapter facts are read once, when it is submitted: with the registry locked as an upload's fsynced
+    commit locks it, steps keep running for requests already submitted. Only the cold adapter's load (on the loader
+    thread) waits for the store, and with it only its own request."""
+    engine = open_demo_engine(tmp_path / "store", max_num_seqs=8)
+    try:
+        tokenizer = engine.tokenizer
+        words = ("locked one", "locked two", "locked six")
+        base = [EngineRequest(tokenizer.encode(tasks.make_prompt(text)), SamplingParams(max_new_tokens=20),
+                              request_id=text) for text in words]
+        cold = EngineRequest(tokenizer.encode(tasks.make_prompt("cold start")), SamplingParams(max_new_tokens=20),
+                             adapter_id="upper", request_id="cold")  # not loaded yet: admission must place it
+        for request in [*base, cold]:
+            engine.add_request(request)  # submitted (pinned) before the lock; no step has run yet
+        finished: dict[str, str] = {}
+        texts: dict[str, str] = {}
+        base_done = threading.Event()
+
+        def step_loop() -> None:
+            while engine.has_unfinished():
+                deltas = engine.step()
+                for delta in deltas:
+                    texts[delta.request_id] = texts.get(delta.request_id, "") + delta.text
+                    if delta.is_finished:
+                        finished[delta.request_id] = delta.finish_reason
+                if all(r.request_id in finished for r in base):
+                    base_done.set()
+                if not deltas:
+                    time.sleep(0.001)  # only a load in flight: let the loader thread run
+
+        loop = threading.Thread(target=step_loop, name="test-step-loop")
+        with engine.store._registry._transaction():  # the lock an upload's commit holds, and its SQLite write lock
+            loop.start()
+            ran_while_locked = base_done.wait(timeout=60)  # a failsafe: unlocked, these finish in well under a second
+            cold_waited = "cold" not in finished
+        loop.join(timeout=60)
+        assert ran_while_locked, "a step waited for the registry"
+        assert cold_waited, "the cold adapter was loaded without reading the store"
+        assert finished == {**{r.request_id: "stop" for r in base}, "cold": "stop"}
+        assert texts == {**{text: text for text in words}, "cold": "COLD START"}
+    finally:
+        engine.close()
+        engine.store.close()
+
+
+def test_a_requests_sampling_state_lives_on_its_sequence(demo_engine):
+    prompt = demo_engine.tokenizer.encode(tasks.make_prompt("state"))
+    seeded = EngineRequest(prompt, SamplingParams(max_new_tokens=4, temperature=1.0, seed=3), logprobs=2,
+                           request_id="seeded-state")
+    greedy = EngineRequest(prompt, SamplingParams(max_new_tokens=4), request_id="greedy-state")
+    demo_engine.add_request(seeded)
+    demo_engine.add_request(greedy)
+    seqs = {request_id: state.seq for request_id, state in demo_engine._requests.items()}
+    assert isinstance(seqs["seeded-state"].generator, torch.Generator) and seqs["seeded-state"].num_logprobs == 2
+    assert seqs["greedy-state"].generator is None and seqs["greedy-state"].num_logprobs is None
+    while demo_engine.has_unfinished():
+        demo_engine.step()
+
+
+def test_an_over_long_prompt_is_refused_where_requests_enter_naming_its_field(demo_engine):
+    with pytest.raises(RequestError, match="at most 128 tokens") as raised:
+        demo_engine.prepare(EngineRequest([5] * 128))
+    assert (raised.value.field, raised.value.code) == ("prompt", "context_length_exceeded")
+    assert not demo_engine.has_unfinished()

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from server.demo import tasks
-from server.engine.adapter_key import AdapterKey
+from server.engine.adapters.keys import AdapterKey
 from server.engine.async_engine import AsyncEngine
-from server.engine.generate_all import generate_all, merge_and_wait
-from server.engine.merge_control import MergeRefused
+from server.engine.merging.control import MergeRefused
 from server.engine.request import EngineRequest
 from server.engine.sampler import SamplingParams
 from tests.engine.engine_helpers import RANDOM_ADAPTERS, open_demo_engine, open_random_engine, write_random_checkpoint
@@ -39,11 +38,11 @@ def demo_engine(tmp_path):
 def test_merged_mode_gives_every_request_the_same_tokens(demo_engine, rng):
     before = base_weights(demo_engine)
     requests = mixed_requests(demo_engine.tokenizer, rng, 20, [None, *tasks.ADAPTER_NAMES], "r")
-    unmerged = generate_all(demo_engine, requests)
-    merge_and_wait(demo_engine, "upper")
+    unmerged = demo_engine.generate(requests)
+    demo_engine.merge_and_wait("upper")
     assert demo_engine.merge.merged_key.adapter_id == "upper"
     assert any(not torch.equal(before[n], p) for n, p in base_weights(demo_engine).items()), "nothing was merged"
-    merged = generate_all(demo_engine, requests)
+    merged = demo_engine.generate(requests)
     for request, a, b in zip(requests, unmerged, merged, strict=True):
         assert a.token_ids == b.token_ids, f"{request.adapter_id}: {a.text!r} unmerged, {b.text!r} merged"
     demo_engine.merge.request_unmerge("default", "upper")
@@ -55,8 +54,8 @@ def test_merged_mode_gives_every_request_the_same_tokens(demo_engine, rng):
 
 def test_switching_mid_generation_changes_no_output(demo_engine, rng):
     requests = mixed_requests(demo_engine.tokenizer, rng, 12, [None, "upper", "rot13", "upper"], "m")
-    reference = generate_all(demo_engine, requests)
-    key = AdapterKey("default", "upper", demo_engine.adapters.latest_version("default", "upper"))
+    reference = demo_engine.generate(requests)
+    key = demo_engine.adapter_catalog.pin("default", "upper").key
 
     steps = iter(range(1000))
 
@@ -67,7 +66,7 @@ def test_switching_mid_generation_changes_no_output(demo_engine, rng):
         elif step == 14:
             engine.merge.request_unmerge("default", "upper")
 
-    switched = generate_all(demo_engine, requests, on_step=switch_midway)
+    switched = demo_engine.generate(requests, on_step=switch_midway)
     assert [r.token_ids for r in switched] == [r.token_ids for r in reference]
     assert demo_engine.stats().merge.num_switches == 2
 
@@ -80,10 +79,10 @@ def test_random_adapters_merged_equal_unmerged(tmp_path, rng):
         requests = [EngineRequest([rng.randrange(3, 97) for _ in range(rng.randint(2, 30))],
                                   SamplingParams(max_new_tokens=12), adapter_id=names[i % len(names)],
                                   request_id=str(i)) for i in range(15)]
-        unmerged = generate_all(engine, requests)
+        unmerged = engine.generate(requests)
         for merged_name in ("r2-rslora", "r16-patterned"):
-            merge_and_wait(engine, merged_name)
-            merged = generate_all(engine, requests)
+            engine.merge_and_wait(merged_name)
+            merged = engine.generate(requests)
             assert [r.token_ids for r in merged] == [r.token_ids for r in unmerged], f"merged {merged_name}"
     finally:
         engine.close()
@@ -98,10 +97,10 @@ def test_auto_policy_merges_a_dominant_adapter_then_unmerges_on_a_uniform_mix(tm
         skewed = mixed_requests(engine.tokenizer, rng, 40, ["upper"] * 19 + ["rot13"], "s")
         uniform = mixed_requests(engine.tokenizer, rng, 40, [None, *tasks.ADAPTER_NAMES], "u")
         merged_steps = []
-        skewed_results = generate_all(engine, skewed, on_step=lambda e: merged_steps.append(e.merge.merged_key))
+        skewed_results = engine.generate(skewed, on_step=lambda e: merged_steps.append(e.merge.merged_key))
         assert any(k is not None and k.adapter_id == "upper" for k in merged_steps), "the skew never merged upper"
         uniform_steps = []
-        uniform_results = generate_all(engine, uniform, on_step=lambda e: uniform_steps.append(e.merge.merged_key))
+        uniform_results = engine.generate(uniform, on_step=lambda e: uniform_steps.append(e.merge.merged_key))
         unmerged_at = next((i for i, k in enumerate(uniform_steps) if k is None), None)
         assert unmerged_at is not None, "a uniform mix never unmerged upper"
         # As the last requests of a phase drain, one adapter may hold the whole window and get merged (that is the
@@ -111,8 +110,8 @@ def test_auto_policy_merges_a_dominant_adapter_then_unmerges_on_a_uniform_mix(tm
         # Every output is what an engine that never merges gives.
         assert all(r.finish_reason != "error" for r in skewed_results + uniform_results), \
             [r.error for r in skewed_results + uniform_results if r.error]
-        assert [r.token_ids for r in skewed_results] == [r.token_ids for r in generate_all(reference, skewed)]
-        assert [r.token_ids for r in uniform_results] == [r.token_ids for r in generate_all(reference, uniform)]
+        assert [r.token_ids for r in skewed_results] == [r.token_ids for r in reference.generate(skewed)]
+        assert [r.token_ids for r in uniform_results] == [r.token_ids for r in reference.generate(uniform)]
     finally:
         for e in (engine, reference):
             e.close()

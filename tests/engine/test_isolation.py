@@ -15,7 +15,7 @@ import torch
 from server.demo import tasks
 from server.demo.paths import demo_adapter_dirs
 from server.engine import sampler
-from server.engine.generate_all import Completion, generate_all
+from server.engine.engine import Completion
 from server.engine.request import EngineRequest
 from server.engine.sampler import SamplingParams
 from tests.engine.engine_helpers import ADAPTER_FILES, open_demo_engine, put_adapter_dir
@@ -51,7 +51,7 @@ def put_poisoned(engine) -> None:
     files["adapter_config.json"] = json.dumps({**config, "base_model_name_or_path": POISONED}).encode()
     engine.store.put("acme", POISONED, files)
 
-    writer = engine.adapters.residency.writer
+    writer = engine.residency.writer
     write = writer.write
 
     def poisoning_write(slot, row_start, adapter):
@@ -97,7 +97,7 @@ def check_no_leak(engine) -> None:
 def test_a_poisoned_adapter_and_a_failing_draw_end_alone(engine, monkeypatch):
     rng, seed = fresh_rng()
     good = good_requests(engine.tokenizer, rng)
-    alone = outputs(generate_all(engine, good))
+    alone = outputs(engine.generate(good))
     assert all(reason in ("stop", "length") for _, reason in alone.values()), (seed, alone)
 
     draws = {"n": 0}
@@ -116,7 +116,7 @@ def test_a_poisoned_adapter_and_a_failing_draw_end_alone(engine, monkeypatch):
                          request_id="bad-adapter"),
            EngineRequest(prompt, SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, seed=FAILING_SEED),
                          adapter_id="upper", request_id="bad-draw")]
-    mixed = generate_all(engine, bad[:1] + good[:4] + bad[1:] + good[4:], arrivals=[i // 3 for i in range(13)])
+    mixed = engine.generate(bad[:1] + good[:4] + bad[1:] + good[4:], arrivals=[i // 3 for i in range(13)])
     by_id = {c.request_id: c for c in mixed}
 
     assert {rid: out for rid, out in outputs(mixed).items() if rid.startswith("good")} == alone, seed
@@ -146,16 +146,16 @@ def poison_unowned_rows(engine) -> None:
 def test_pool_rows_no_adapter_owns_never_reach_an_output(engine):
     rng, seed = fresh_rng()
     good = good_requests(engine.tokenizer, rng)  # mixed ranks (4, 8, 16) in the same decode steps
-    alone = outputs(generate_all(engine, good))  # every adapter is resident from here on
+    alone = outputs(engine.generate(good))  # every adapter is resident from here on
     poison_unowned_rows(engine)
-    assert outputs(generate_all(engine, good)) == alone, seed
+    assert outputs(engine.generate(good)) == alone, seed
     check_no_leak(engine)
 
 
 def test_a_step_that_raises_once_is_retried_and_changes_nothing(engine, monkeypatch):
     rng, seed = fresh_rng()
     good = good_requests(engine.tokenizer, rng)
-    alone = outputs(generate_all(engine, good))
+    alone = outputs(engine.generate(good))
     retries, failures = engine.num_step_retries, engine.num_step_failures
 
     # Raise after the forward pass wrote the step's K/V, so the retry has to rewrite them.
@@ -168,7 +168,7 @@ def test_a_step_that_raises_once_is_retried_and_changes_nothing(engine, monkeypa
         return compute_logits(hidden)
 
     monkeypatch.setattr(engine.model, "compute_logits", failing_once)
-    again = outputs(generate_all(engine, good, arrivals=[i // 2 for i in range(len(good))]))
+    again = outputs(engine.generate(good, arrivals=[i // 2 for i in range(len(good))]))
     assert again == alone, seed
     assert (engine.num_step_retries, engine.num_step_failures) == (retries + 1, failures)
     assert engine.stats().num_step_retries == retries + 1
@@ -178,7 +178,7 @@ def test_a_step_that_raises_once_is_retried_and_changes_nothing(engine, monkeypa
 def test_a_step_that_raises_twice_fails_its_batch_and_the_next_request_works(engine, monkeypatch):
     rng, seed = fresh_rng()
     good = good_requests(engine.tokenizer, rng)[:4]
-    alone = outputs(generate_all(engine, good))
+    alone = outputs(engine.generate(good))
     failures = engine.num_step_failures
 
     calls, compute_logits = {"n": 0}, engine.model.compute_logits
@@ -190,9 +190,9 @@ def test_a_step_that_raises_twice_fails_its_batch_and_the_next_request_works(eng
         return compute_logits(hidden)
 
     monkeypatch.setattr(engine.model, "compute_logits", failing_twice)
-    failed = generate_all(engine, good)
+    failed = engine.generate(good)
     assert all(c.finish_reason == "error" and "injected persistent fault" in c.error for c in failed), failed
     assert engine.num_step_failures == failures + 1
     check_no_leak(engine)
-    assert outputs(generate_all(engine, good)) == alone, seed
+    assert outputs(engine.generate(good)) == alone, seed
     check_no_leak(engine)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.adapter_key import AdapterKey, AdapterLoadError
-from server.engine.offline import load_adapters_into_slots
-from server.engine.residency import Residency, ResidencyConfig
+from server.engine.adapters.keys import AdapterKey, AdapterLoadError
+from server.engine.adapters.residency import Residency, ResidencyConfig
 from server.model.attention import ContiguousKVCache, SequenceChunk
 from server.model.llama import LlamaModel
+from tests.engine.offline_reference import load_adapters_into_slots
 from tests.engine.residency_helpers import TINY, FakeSource, page_budget, random_adapter, tiny_model
 
 

@@ -5,8 +5,8 @@ import random
 import threading
 import time
 
-from server.engine.adapter_key import AdapterKey
-from server.engine.residency import Residency, ResidencyConfig
+from server.engine.adapters.keys import AdapterKey
+from server.engine.adapters.residency import Residency, ResidencyConfig
 from tests.engine.residency_helpers import FakeSource, page_budget, random_adapter, slot_matches, tiny_model
 
 WAIT_S = 10
@@ -71,8 +71,8 @@ def test_retire_drops_an_adapter_once_nothing_holds_it():
         residency.acquire(a).result(timeout=WAIT_S)
         residency.acquire(b).result(timeout=WAIT_S)
         residency.release(b)
-        residency.retire(a)
-        residency.retire(b)
+        residency.retire_lineage("t", "a")
+        residency.retire_lineage("t", "b")
         assert residency.is_ready(a) and not residency.is_ready(b)
         residency.release(a)
         counters = residency.counters()

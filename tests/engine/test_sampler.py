@@ -7,15 +7,8 @@ import os
 import pytest
 import torch
 
-from server.engine.sampler import (
-    MAX_SEED,
-    MIN_TEMPERATURE,
-    SamplingError,
-    SamplingParams,
-    make_generator,
-    sample,
-    sample_rows,
-)
+from server.engine.sampler import MAX_SEED, MIN_TEMPERATURE, SamplingError, SamplingParams, make_generator, sample_rows
+from tests.engine.offline_reference import sample
 
 
 def random_logits(rows: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:

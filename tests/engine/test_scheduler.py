@@ -1,6 +1,6 @@
 """The scheduler against a fake residency and a fake model whose KV cache holds token ids.
 
-The fake model writes each fed token into its physical slot and samples from the context it reads back through the
+The fake model writes each fed token into its cache entry and samples from the context it reads back through the
 block table, so a wrong block table, a shared block or a bad recompute after preemption changes the output. The
 oracle is a plain loop over the same sampling function, one request alone.
 """
@@ -14,12 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.adapter_key import AdapterKey
-from server.engine.block_manager import BlockManager
-from server.engine.scheduled_batch import ScheduledBatch
-from server.engine.scheduler import Scheduler
-from server.engine.scheduler_config import SchedulerConfig
-from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.adapters.keys import AdapterKey, PinnedAdapter
+from server.engine.scheduling.batch import ScheduledBatch
+from server.engine.scheduling.block_manager import BlockManager
+from server.engine.scheduling.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduling.sequence import Sequence, SequenceStatus
 
 VOCAB = 50
 
@@ -54,15 +53,15 @@ class FakeModel:
     def run(self, batch: ScheduledBatch) -> dict[int, int]:
         for chunk in batch.chunks:  # write every new token's K/V (here: the token) first, as a layer does
             start = chunk.start_position
-            for position, slot, token in zip(range(start, start + chunk.num_tokens),
-                                             self.blocks.physical_slots(chunk.seq, start, start + chunk.num_tokens),
-                                             chunk.token_ids, strict=True):
-                self.cache[slot] = (chunk.seq.seq_id, position, token)
+            for position, index, token in zip(range(start, start + chunk.num_tokens),
+                                              self.blocks.cache_indices(chunk.seq, start, start + chunk.num_tokens),
+                                              chunk.token_ids, strict=True):
+                self.cache[index] = (chunk.seq.seq_id, position, token)
         sampled = {}
         for chunk in batch.chunks:
             if chunk.is_sampled:
                 seq, end = chunk.seq, chunk.start_position + chunk.num_tokens
-                context = [self.cache[slot] for slot in self.blocks.physical_slots(seq, 0, end)]
+                context = [self.cache[index] for index in self.blocks.cache_indices(seq, 0, end)]
                 assert [c[:2] for c in context] == [(seq.seq_id, p) for p in range(end)], "the cache lost a token"
                 sampled[seq.seq_id] = next_token(seq.seq_id, [c[2] for c in context])
         return sampled
@@ -74,27 +73,23 @@ class FakeResidency:
     def __init__(self, num_slots: int = 4, load_steps: dict[str, int] | None = None,
                  failing: frozenset[str] = frozenset()) -> None:
         self.num_slots, self.load_steps, self.failing = num_slots, load_steps or {}, failing
-        self.versions: dict[str, int] = {}
         self.placed: dict[AdapterKey, int] = {}  # on the device or loading into it -> slot
         self.loading: dict[AdapterKey, tuple[int, Future]] = {}
         self.holds: Counter[AdapterKey] = Counter()
         self.prefetched: list[AdapterKey] = []
         self.num_acquires = self.num_releases = self.now = 0
 
-    def latest_version(self, tenant: str, adapter_id: str) -> int:
-        return self.versions.get(adapter_id, 1)
-
     def is_ready(self, key: AdapterKey) -> bool:
         return key in self.placed and key not in self.loading
 
-    def can_make_resident(self, key: AdapterKey) -> bool:
-        return key in self.placed or len(self.placed) < self.num_slots or self._evictable() is not None
+    def can_make_resident(self, adapter: PinnedAdapter) -> bool:
+        return adapter.key in self.placed or len(self.placed) < self.num_slots or self._evictable() is not None
 
     def prefetch(self, key: AdapterKey) -> None:
         self.prefetched.append(key)
 
     def acquire(self, key: AdapterKey) -> Future:
-        assert self.can_make_resident(key), "acquired beyond the device budget"
+        assert self.can_make_resident(PinnedAdapter(key, 8)), "acquired beyond the device budget"
         self.holds[key] += 1
         self.num_acquires += 1
         if key in self.loading:
@@ -172,6 +167,8 @@ def drive(scheduler: Scheduler, residency: FakeResidency | None, seqs: list[Sequ
                 assert chunk.token_ids == seq.all_token_ids[start:start + chunk.num_tokens]
                 assert chunk.num_tokens <= config.chunk_limit and seq.status is SequenceStatus.RUNNING
                 assert residency is None or seq.adapter_key is None or residency.is_ready(seq.adapter_key)
+                # The chunk carries the slot its adapter's hold gave: the runner never asks residency again.
+                assert chunk.lora_slot == (None if seq.adapter_key is None else residency.placed[seq.adapter_key])
                 if start == 0 and seq.num_tokens > seq.num_prompt_tokens:
                     run.recomputes[seq.seq_id] += 1
             scheduler.on_step_done(batch, model.run(batch))
@@ -188,9 +185,16 @@ def drive(scheduler: Scheduler, residency: FakeResidency | None, seqs: list[Sequ
     return run
 
 
-def make_seq(seq_id: int, num_prompt: int = 5, max_new_tokens: int = 6, **kwargs) -> Sequence:
+def pinned(adapter_id: str | None, tenant: str = "default", version: int = 1) -> PinnedAdapter | None:
+    """What the engine pins when a request is submitted (None: the base model)."""
+    return None if adapter_id is None else PinnedAdapter(AdapterKey(tenant, adapter_id, version), max_rank=8)
+
+
+def make_seq(seq_id: int, num_prompt: int = 5, max_new_tokens: int = 6, adapter_id: str | None = None,
+             adapter_version: int = 1, **kwargs) -> Sequence:
     prompt = [(seq_id * 7 + i) % VOCAB for i in range(num_prompt)]
-    return Sequence(seq_id=seq_id, prompt_token_ids=prompt, max_new_tokens=max_new_tokens, **kwargs)
+    adapter = pinned(adapter_id, kwargs.get("tenant", "default"), adapter_version)
+    return Sequence(seq_id=seq_id, prompt_token_ids=prompt, max_new_tokens=max_new_tokens, adapter=adapter, **kwargs)
 
 
 def config(**kwargs) -> SchedulerConfig:
@@ -220,15 +224,17 @@ def test_config_refuses_what_cannot_work():
 
 
 def test_add_refuses_bad_requests():
+    # The engine checks requests where they enter (server.engine.request.check_request): here what slips past it
+    # is a bug, an assertion.
     scheduler = Scheduler(config(max_model_len=8))
-    with pytest.raises(ValueError, match="no room"):
+    with pytest.raises(AssertionError, match="prompt too long"):
         scheduler.add(make_seq(0, num_prompt=8))
-    with pytest.raises(ValueError, match="serves no adapters"):
+    with pytest.raises(AssertionError, match="no adapters"):
         scheduler.add(make_seq(1, adapter_id="a"))
     scheduler.add(make_seq(2))
     with pytest.raises(ValueError, match="already scheduled"):
         scheduler.add(make_seq(2))
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(AssertionError, match="empty"):
         make_seq(3, num_prompt=0)
 
 
@@ -434,18 +440,15 @@ def test_a_load_completing_mid_check_is_not_mistaken_for_a_failure(flip_at):
     assert seq.output_token_ids
 
 
-def test_version_is_pinned_when_the_request_is_added():
+def test_each_sequence_runs_on_the_version_it_was_pinned_to():
+    # The engine pins when a request is submitted (tests/engine/test_engine.py checks hot-swap end to end); the
+    # scheduler holds, and feeds with, exactly that version.
     residency = FakeResidency()
     scheduler = Scheduler(config(), residency)
-    residency.versions["a"] = 3
-    old = make_seq(0, adapter_id="a")
-    scheduler.add(old)
-    residency.versions["a"] = 4  # a new version is stored while `old` waits
-    new, explicit = make_seq(1, adapter_id="a"), make_seq(2, adapter_id="a", adapter_version=2)
-    scheduler.add(new)
-    scheduler.add(explicit)
-    drive(scheduler, residency, [])
-    assert [s.adapter_version for s in (old, new, explicit)] == [3, 4, 2]
+    seqs = [make_seq(0, adapter_id="a", adapter_version=3), make_seq(1, adapter_id="a", adapter_version=4),
+            make_seq(2, adapter_id="a", adapter_version=2)]
+    drive(scheduler, residency, seqs)
+    assert [s.adapter_version for s in seqs] == [3, 4, 2]
     assert {k.version for k in residency.placed} == {2, 3, 4}
 
 
@@ -515,7 +518,7 @@ def workloads(draw):
             seq_id=seq_id, prompt_token_ids=draw(st.lists(st.integers(0, VOCAB - 1), min_size=1,
                                                            max_size=max_model_len - 1)),
             max_new_tokens=draw(st.integers(1, 30)), eos_token_ids=frozenset(draw(st.sets(st.integers(0, 9)))),
-            adapter_id=draw(st.sampled_from([None, "a", "b", "c", "bad"])),
+            adapter=pinned(draw(st.sampled_from([None, "a", "b", "c", "bad"]))),
             deadline=draw(st.none() | st.integers(arrival + 1, arrival + 60).map(float))))
         arrive_at[seq_id] = arrival
         if draw(st.booleans()) and draw(st.booleans()):

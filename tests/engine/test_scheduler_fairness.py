@@ -13,11 +13,20 @@ from itertools import pairwise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.scheduled_batch import ScheduledBatch
-from server.engine.scheduler import Scheduler
-from server.engine.scheduler_config import SchedulerConfig
-from server.engine.sequence import Sequence, SequenceStatus
-from tests.engine.test_scheduler import VOCAB, FakeModel, FakeResidency, config, drive, make_seq, reference, step
+from server.engine.scheduling.batch import ScheduledBatch
+from server.engine.scheduling.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduling.sequence import Sequence, SequenceStatus
+from tests.engine.test_scheduler import (
+    VOCAB,
+    FakeModel,
+    FakeResidency,
+    config,
+    drive,
+    make_seq,
+    pinned,
+    reference,
+    step,
+)
 
 
 def steps_until(scheduler: Scheduler, model: FakeModel, done: Callable[[], bool],
@@ -204,12 +213,13 @@ def multi_tenant_workloads(draw):
     seqs, arrive_at, abort_at = [], {}, {}
     for seq_id in range(draw(st.integers(1, 16))):
         arrival = draw(st.integers(0, 15))
+        prompt = draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=max_model_len - 1))
+        max_new_tokens, eos = draw(st.integers(1, 30)), frozenset(draw(st.sets(st.integers(0, 9))))
+        adapter_id = draw(st.sampled_from([None, "a", "b", "c", "bad"]))
+        tenant = draw(st.sampled_from(TENANTS[:num_tenants]))
         seqs.append(Sequence(
-            seq_id=seq_id, prompt_token_ids=draw(st.lists(st.integers(0, VOCAB - 1), min_size=1,
-                                                           max_size=max_model_len - 1)),
-            max_new_tokens=draw(st.integers(1, 30)), eos_token_ids=frozenset(draw(st.sets(st.integers(0, 9)))),
-            adapter_id=draw(st.sampled_from([None, "a", "b", "c", "bad"])),
-            tenant=draw(st.sampled_from(TENANTS[:num_tenants])),
+            seq_id=seq_id, prompt_token_ids=prompt, max_new_tokens=max_new_tokens, eos_token_ids=eos,
+            adapter=pinned(adapter_id, tenant), tenant=tenant,
             deadline=draw(st.none() | st.integers(arrival + 1, arrival + 60).map(float))))
         arrive_at[seq_id] = arrival
         if draw(st.booleans()) and draw(st.booleans()):

@@ -7,11 +7,11 @@ import transformers
 
 from adapters_store import load_peft_adapter
 from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.base_description import describe_base_model
-from server.engine.offline import GenerationRequest, generate, load_adapters_into_slots
+from server.engine.build import describe_base_model
 from server.engine.sampler import SamplingParams
 from server.model.attention import ContiguousKVCache, SequenceChunk
 from server.model.loader import load_model
+from tests.engine.offline_reference import GenerationRequest, generate, load_adapters_into_slots
 from tests.reference import add_random_lora, assert_close_relative, hf_logits, save_random_hf_model
 
 ADAPTERS = {

@@ -8,8 +8,7 @@ import transformers
 
 from adapters_store import load_peft_adapter
 from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.base_description import describe_base_model
-from server.engine.offline import load_adapters_into_slots
+from server.engine.build import describe_base_model
 from server.model.attention import ContiguousKVCache, SequenceChunk
 from server.model.llama import LlamaModel
 from server.model.loader import load_model
@@ -21,6 +20,7 @@ from server.model.merge import (
     merged_lora_batches,
     unmerge_,
 )
+from tests.engine.offline_reference import load_adapters_into_slots
 from tests.reference import add_random_lora, assert_close_relative, one_torch_thread, save_random_hf_model
 
 ADAPTERS = {

@@ -62,6 +62,18 @@ def test_put_twice_makes_versions_one_and_two(store, upload):
         assert weights.scale == expected.modules[key].scale
 
 
+def test_put_parsed_returns_the_adapter_a_read_gives(store, upload):
+    files = upload[1][1]
+    record, parsed = store.put_parsed("acme", "warm", files)
+    assert record == store.get("acme", "warm") and record.ranks == tuple(parsed.ranks)
+    stored = store.read(record)
+    assert parsed.modules.keys() == stored.modules.keys() and parsed.config == stored.config
+    for key, weights in parsed.modules.items():
+        assert torch.equal(weights.lora_a, stored.modules[key].lora_a)
+        assert torch.equal(weights.lora_b, stored.modules[key].lora_b)
+        assert weights.scale == stored.modules[key].scale
+
+
 def test_identical_content_is_stored_once(store, upload):
     files = upload[1][0]
     one, two = store.put("acme", "a", files), store.put("beta", "b", files)

@@ -1,4 +1,5 @@
-"""Blocks of the paged KV cache: which sequence owns which block, and where each token position lives.
+"""Blocks of the paged KV cache: which sequence owns which block, and where each token position lives (its cache
+index: the flat cache holds num_blocks * block_size entries per layer).
 
 A sequence's block table grows as its tokens are computed (`allocate`: a prefill chunk, or one decode token) and is
 returned whole when it finishes or is preempted (`free`). No prefix sharing: a block has at most one owner.
@@ -6,7 +7,7 @@ returned whole when it finishes or is preempted (`free`). No prefix sharing: a b
 
 from collections import deque
 
-from server.engine.sequence import Sequence
+from server.engine.scheduling.sequence import Sequence
 
 
 class BlockManager:
@@ -28,8 +29,8 @@ class BlockManager:
 
     def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks to add to hold the computed tokens plus `num_new_tokens` more."""
-        num_slots = seq.num_computed_tokens + num_new_tokens
-        return max(-(-num_slots // self.block_size) - len(seq.block_table), 0)
+        num_positions = seq.num_computed_tokens + num_new_tokens
+        return max(-(-num_positions // self.block_size) - len(seq.block_table), 0)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.num_blocks_needed(seq, num_new_tokens) <= len(self._free)
@@ -55,12 +56,9 @@ class BlockManager:
             self._free.append(block)
         seq.block_table = []
 
-    def physical_slot(self, seq: Sequence, position: int) -> int:
-        """Where position `position` of `seq` lives in the flat cache of num_blocks * block_size slots."""
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
-
-    def physical_slots(self, seq: Sequence, start: int, stop: int) -> list[int]:
-        """physical_slot for positions [start, stop): the key slots of a chunk's context are (seq, 0, end)."""
+    def cache_indices(self, seq: Sequence, start: int, stop: int) -> list[int]:
+        """Where positions [start, stop) of `seq` live in the flat cache: position p is entry p % block_size of block
+        block_table[p // block_size]. (The model runner computes the same on the device for a whole step.)"""
         size, table = self.block_size, seq.block_table
         assert stop <= len(table) * size, f"position {stop - 1} of sequence {seq.seq_id} has no block"
         return [table[p // size] * size + p % size for p in range(start, stop)]

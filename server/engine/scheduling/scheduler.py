@@ -26,8 +26,8 @@ Policies:
   `max_overtakes` times admission stops at it until it is admitted. A request whose adapter can be made resident
   is admitted at once (its hold starts the load) and runs when the load completes; a failed load finishes it alone
   with "error".
-- A new tenant gets a slot at once: while every sequence slot is taken, a tenant with requests waiting and nothing
-  running takes the slot of the youngest sequence of the tenant running the most (if that tenant runs two or more,
+- A new tenant gets in at once: while max_num_seqs sequences are admitted, a tenant with requests waiting and nothing
+  running takes the place of the youngest sequence of the tenant running the most (if that tenant runs two or more,
   and the newcomer's request could be admitted now), which is preempted as below. One preemption per newcomer.
 - Prefill budget: while several tenants have prompt tokens to feed (running prefills or waiting requests), each
   tenant's running prefill chunks take at most an equal share of what the decodes left; admission comes next, and
@@ -35,10 +35,12 @@ Policies:
   tenant's long prompts cannot take a step whole: the share of a tenant whose requests all wait is left to
   admission, and a newcomer's prompt, once admitted, is fed at least its share every step. With one tenant the
   share is the whole budget.
-- Hot-swap pinning: `add` pins the adapter's latest version unless the caller pinned one: a version stored before
-  the request was added serves it, whatever is stored while it waits or runs.
+- Hot-swap pinning: a sequence arrives pinned to one adapter version (the engine pins it when the request is
+  submitted) and runs on it, whatever is stored while it waits or runs. Admission asks residency with the pinned
+  facts (max rank), so no step ever reads the store.
 - Holds: `acquire` at admission, `release` exactly once when the request finishes for any reason. The hold is kept
-  across preemption, so a preempted request resumes with the version it started on, without reloading it.
+  across preemption, so a preempted request resumes with the version it started on, without reloading it. The
+  hold's future gives the adapter's slot, stable while held: each chunk carries it to the model runner.
 - Preemption by recompute: a decode that finds no free block preempts a running sequence younger than itself and
   not in this step's batch (itself when there is none): the youngest of the tenant running the most, which with one
   tenant is simply the youngest; a prefill chunk preempts younger ones only, else shrinks. The victim's blocks are
@@ -50,11 +52,61 @@ import bisect
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
 
-from server.engine.block_manager import BlockManager
-from server.engine.scheduled_batch import AdapterResidency, ScheduledBatch, ScheduledChunk
-from server.engine.scheduler_config import SchedulerConfig
-from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+from server.engine.adapters.keys import AdapterKey, PinnedAdapter
+from server.engine.scheduling.batch import ScheduledBatch, ScheduledChunk
+from server.engine.scheduling.block_manager import BlockManager
+from server.engine.scheduling.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's limits, validated once at construction."""
+
+    num_blocks: int  # KV cache blocks on the device
+    max_model_len: int  # the most tokens (prompt + generated) one sequence may reach
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048  # tokens fed through the model in one step, all sequences together
+    max_num_seqs: int = 64  # sequences admitted at once (running, loading their adapter, or between chunks)
+    max_overtakes: int = 8  # younger requests admitted ahead of one waiting for its adapter before admission stops
+    prefill_chunk_size: int | None = None  # the most prompt tokens one sequence feeds per step; None: the step budget
+
+    def __post_init__(self) -> None:
+        if min(self.num_blocks, self.block_size, self.max_model_len, self.max_num_seqs) < 1:
+            raise ValueError(f"num_blocks ({self.num_blocks}), block_size ({self.block_size}), max_model_len "
+                             f"({self.max_model_len}) and max_num_seqs ({self.max_num_seqs}) must be positive")
+        if self.max_model_len > self.num_blocks * self.block_size:
+            # Why: a lone sequence must always fit, or preemption could not guarantee progress.
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the KV cache's "
+                             f"{self.num_blocks} x {self.block_size} = {self.num_blocks * self.block_size} tokens")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Why: every admitted sequence must be able to decode in the same step.
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({self.max_num_seqs})")
+        if self.max_overtakes < 0:
+            raise ValueError(f"max_overtakes must be 0 (strict FCFS) or more, got {self.max_overtakes}")
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be positive or None, got {self.prefill_chunk_size}")
+
+    @property
+    def chunk_limit(self) -> int:
+        """The most tokens one sequence feeds in one step."""
+        return min(self.prefill_chunk_size or self.max_num_batched_tokens, self.max_num_batched_tokens)
+
+
+class AdapterResidency(Protocol):
+    """What the scheduler asks of adapter residency (server.engine.adapters.residency.Residency). Must not block: the
+    step loop calls it."""
+
+    def can_make_resident(self, adapter: PinnedAdapter) -> bool: ...  # on the device now, or room without waiting
+
+    def prefetch(self, key: AdapterKey) -> object: ...  # advisory, no hold
+
+    def acquire(self, key: AdapterKey) -> Future[int]: ...  # hold; the future gives its slot or the load's error
+
+    def release(self, key: AdapterKey) -> None: ...  # once per acquire, whatever the outcome
 
 
 class Scheduler:
@@ -81,14 +133,9 @@ class Scheduler:
             raise ValueError(f"sequence {seq.seq_id} is already scheduled")
         if seq.is_finished or seq.output_token_ids or seq.block_table:
             raise ValueError(f"sequence {seq.seq_id} has already run")
-        if seq.num_prompt_tokens >= self.config.max_model_len:
-            raise ValueError(f"sequence {seq.seq_id}: prompt of {seq.num_prompt_tokens} tokens leaves no room in the "
-                             f"maximum length of {self.config.max_model_len}")
-        if seq.adapter_id is not None:
-            if self.residency is None:
-                raise ValueError(f"sequence {seq.seq_id}: this scheduler serves no adapters")
-            if seq.adapter_version is None:
-                seq.adapter_version = self.residency.latest_version(seq.tenant, seq.adapter_id)
+        # The engine's entry checked the request (server.engine.request.check_request) and pinned its adapter.
+        assert seq.num_prompt_tokens < self.config.max_model_len, f"sequence {seq.seq_id}: prompt too long"
+        assert seq.adapter is None or self.residency is not None, f"sequence {seq.seq_id}: no adapters served here"
         seq.arrival, self._num_added = self._num_added, self._num_added + 1
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
@@ -231,12 +278,12 @@ class Scheduler:
             num_running[tenant] += seq.status is SequenceStatus.RUNNING  # admitted while the caller looked
 
     def _make_room_for_new_tenants(self) -> None:
-        """While every sequence slot is taken, give a tenant running nothing the slot of the youngest sequence of the
+        """While max_num_seqs are admitted, give a tenant running nothing the place of the youngest sequence of the
         tenant running the most, so its request starts now rather than after someone else's long ones end."""
         config = self.config
-        num_free_slots = config.max_num_seqs - len(self.running)
-        if num_free_slots > 0 and len(self.waiting) <= num_free_slots:
-            return  # why: the common case, and every waiting request has a slot anyway
+        num_free_places = config.max_num_seqs - len(self.running)
+        if num_free_places > 0 and len(self.waiting) <= num_free_places:
+            return  # why: the common case, and every waiting request has a place anyway
         num_running = Counter(seq.tenant for seq in self.running)
         heads: dict[str, Sequence] = {}  # tenant running nothing -> its first waiting request, in queue order
         for seq in self.waiting:
@@ -245,8 +292,8 @@ class Scheduler:
         for head in heads.values():
             if not self._could_start_now(head):
                 continue
-            if num_free_slots > 0:  # admission will give it a free slot first: it runs the fewest
-                num_free_slots -= 1
+            if num_free_places > 0:  # admission will give it a free place first: it runs the fewest
+                num_free_places -= 1
                 continue
             heaviest = max(num_running, key=lambda t: num_running[t], default=None)
             if heaviest is None or num_running[heaviest] < 2:
@@ -255,29 +302,27 @@ class Scheduler:
             blocks_needed = self.block_manager.num_blocks_needed(head, min(head.num_uncomputed_tokens,
                                                                            config.chunk_limit))
             if blocks_needed > self.block_manager.num_free_blocks + len(victim.block_table):
-                continue  # short of memory, not of slots: preempting would not let it in
+                continue  # short of memory, not of places: preempting would not let it in
             self._preempt(victim)
             num_running[heaviest] -= 1
 
     def _could_start_now(self, seq: Sequence) -> bool:
-        """Whether admission would take `seq` given a slot: its adapter held, resident or placeable now."""
-        key = seq.adapter_key
-        return key is None or seq.seq_id in self._holds or (self.residency is not None and
-                                                            self.residency.can_make_resident(key))
+        """Whether admission would take `seq` given a place: its adapter held, resident or placeable now."""
+        return seq.adapter is None or seq.seq_id in self._holds or (self.residency is not None and
+                                                                    self.residency.can_make_resident(seq.adapter))
 
     def _claim_adapter(self, seq: Sequence) -> str:
         """'ready', 'loading' (held, load under way), 'cold' (no hold: not placeable now) or 'failed' (finished)."""
-        key = seq.adapter_key
-        if key is None:
+        if seq.adapter is None:
             return "ready"
         assert self.residency is not None
         if seq.seq_id not in self._holds:
-            if not self.residency.can_make_resident(key):
+            if not self.residency.can_make_resident(seq.adapter):
                 if seq.seq_id not in self._prefetched:
                     self._prefetched.add(seq.seq_id)
-                    self.residency.prefetch(key)
+                    self.residency.prefetch(seq.adapter.key)
                 return "cold"
-            self._holds[seq.seq_id] = self.residency.acquire(key)
+            self._holds[seq.seq_id] = self.residency.acquire(seq.adapter.key)
         hold = self._holds[seq.seq_id]
         if not hold.done():
             return "loading"
@@ -329,11 +374,19 @@ class Scheduler:
         scheduled.add(seq)
         return num_tokens
 
-    @staticmethod
-    def _chunk(seq: Sequence, num_tokens: int) -> ScheduledChunk:
+    def _chunk(self, seq: Sequence, num_tokens: int) -> ScheduledChunk:
         start = seq.num_computed_tokens
         return ScheduledChunk(seq, start, seq.token_ids(start, start + num_tokens),
-                              is_sampled=start + num_tokens == seq.num_tokens)
+                              is_sampled=start + num_tokens == seq.num_tokens, lora_slot=self._lora_slot(seq))
+
+    def _lora_slot(self, seq: Sequence) -> int | None:
+        """The slot of the adapter `seq` holds (None: the base model), from its hold: only ready sequences are
+        scheduled, and a held adapter's slot never changes, so nobody asks residency for it again."""
+        if seq.adapter is None:
+            return None
+        hold = self._holds[seq.seq_id]
+        assert hold.done() and hold.exception() is None, f"sequence {seq.seq_id} scheduled before its adapter is ready"
+        return hold.result()
 
     def _preemption_victim(self, seq: Sequence, scheduled: set[Sequence]) -> Sequence | None:
         """A running sequence younger than `seq`, holding blocks, not in this step's batch: the youngest of the
@@ -382,8 +435,8 @@ class Scheduler:
         self.block_manager.free(seq)
         hold = self._holds.pop(seq.seq_id, None)
         if hold is not None:
-            assert self.residency is not None and seq.adapter_key is not None
-            self.residency.release(seq.adapter_key)
+            assert self.residency is not None and seq.adapter is not None
+            self.residency.release(seq.adapter.key)
         self._prefetched.discard(seq.seq_id)
         del self._seqs[seq.seq_id]
         self._num_unfinished[seq.tenant] -= 1

@@ -2,18 +2,23 @@
 
 The scheduler's side, per request (every `acquire` is paired with exactly one `release`, whatever the outcome):
 
-    residency.prefetch(key)          # when queued: start bringing it in, no hold (advisory)
-    future = residency.acquire(key)  # at admission: hold it; future.result() is its slot once it is on the device
-    ...                              # run while future.done() and not future.exception(); the slot is stable while held
-    residency.release(key)           # at the end, or when the load failed
+    residency.can_make_resident(pinned)  # admission: on the device, or room for its max rank now
+    residency.prefetch(key)              # when queued but cold: start bringing it in, no hold (advisory)
+    future = residency.acquire(key)      # at admission: hold it; future.result() is its slot once on the device
+    ...                                  # run while future.done() and not future.exception(); the slot is stable while
+                                         # held, so the scheduler reads it from the future, never asks again
+    residency.release(key)               # at the end, or when the load failed
+
+An upload hands its parsed adapter over (`put_on_host`), so the first request for a new version finds it in the host
+cache instead of parsing its files again.
 
 Threading. One lock (a Condition) guards all policy state; it is never held across a disk read or a device copy, so
-`acquire`, `release` and `is_ready` (the step loop's calls) return in microseconds even while a load is under way.
-Loads run on one loader thread: read (host cache, else the source) -> validate -> place (evicting LRU unheld
-adapters) -> copy into the slot's rows -> mark ready. A load for a held key that finds no room even after evicting
-every unheld adapter waits on the Condition for a release; a prefetch in that position gives up (the adapter stays
-warm on the host). Two requests for one cold key join one load. A failed load fails only the futures of its key; the
-next request for that key tries again.
+`can_make_resident`, `acquire`, `release` and `prefetch` (the step loop's calls) return in microseconds even while a
+load is under way. Loads run on one loader thread: read (host cache, else the source) -> validate -> place
+(evicting LRU unheld adapters) -> copy into the slot's rows -> mark ready. A load for a held key that finds no room
+even after evicting every unheld adapter waits on the Condition for a release; a prefetch in that position gives up
+(the adapter stays warm on the host). Two requests for one cold key join one load. A failed load fails only the
+futures of its key; the next request for that key tries again.
 
 Hot-swap. A key names one immutable version. When a newer version of an adapter is asked for (int versions compare
 as numbers, as the store issues them; other versions are ordered by when residency first sees them), the older ones
@@ -29,10 +34,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from adapters_store import LoraAdapter
-from server.engine.adapter_key import AdapterKey, AdapterLoadError, AdapterSource
-from server.engine.device_pool import DevicePool, Placement
-from server.engine.host_cache import HostCache
-from server.engine.slot_writer import SlotWriter
+from server.engine.adapters.host_cache import HostCache
+from server.engine.adapters.keys import AdapterKey, AdapterLoadError, AdapterSource, PinnedAdapter
+from server.engine.adapters.slot_pool import Placement, SlotPool
+from server.engine.adapters.slot_writer import SlotWriter
 from server.model.llama import LlamaModel
 
 logger = logging.getLogger(__name__)
@@ -40,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ResidencyConfig:
-    device_budget_bytes: int  # LoRA pool memory on the device, all layers; enforced as rows (see DevicePool)
+    device_budget_bytes: int  # LoRA pool memory on the device, all layers; enforced as rows (see SlotPool)
     host_budget_bytes: int  # parsed adapters kept in CPU memory
     num_slots: int  # distinct adapters on the device at once (the most a batch can mix)
     page_rows: int = 8  # an adapter's rows are rounded up to this, so freed runs fit other ranks
@@ -88,7 +93,7 @@ class Residency:
             raise ValueError(f"a device budget of {config.device_budget_bytes} bytes holds no page of "
                              f"{config.page_rows} LoRA rows ({page_bytes} bytes for this model)")
         self.writer.allocate_pool(total_rows, config.num_slots)
-        self._pool: DevicePool[AdapterKey] = DevicePool(total_rows, config.num_slots, config.page_rows)
+        self._pool: SlotPool[AdapterKey] = SlotPool(total_rows, config.num_slots, config.page_rows)
         self._host: HostCache[AdapterKey, LoraAdapter] = HostCache(config.host_budget_bytes)
         self._loading: dict[AdapterKey, Future] = {}  # keys with a load queued or running
         self._newest: dict[tuple[str, str], int | str] = {}  # lineage -> the version seen last
@@ -141,12 +146,6 @@ class Residency:
                 self._free_if_retired(key)
                 self._lock.notify_all()  # a load waiting for room may now evict this adapter
 
-    def retire(self, key: AdapterKey) -> None:
-        """Drop `key` from the host cache, and from the device as soon as nothing holds it (adapter deleted)."""
-        with self._lock:
-            self._retire(key)
-            self._lock.notify_all()
-
     def retire_lineage(self, tenant: str, adapter_id: str) -> None:
         """Retire every version of an adapter (it was deleted): each leaves as soon as nothing holds it."""
         with self._lock:
@@ -175,12 +174,24 @@ class Residency:
         with self._lock:
             return self._pool.can_place(rank)
 
-    def slot_of(self, key: AdapterKey) -> int:
-        """The slot of a held, ready adapter (stable until its last release)."""
+    def can_make_resident(self, adapter: PinnedAdapter) -> bool:
+        """Admission's question: on the device now, or room for it without waiting (the pinned max rank: no store
+        read, so the step loop never waits on the registry)."""
+        with self._lock:  # reentrant (a Condition's default lock): one consistent look at both
+            return self.is_ready(adapter.key) or self.can_place(adapter.max_rank)
+
+    def put_on_host(self, key: AdapterKey, adapter: LoraAdapter) -> None:
+        """Keep an adapter the caller has just parsed (an upload: validated against the same base) in the host cache,
+        so its first load copies it from there. Not for a retired key, nor one that does not fit this model (its load
+        will then read the store and fail with the reason)."""
+        try:
+            self.writer.validate(adapter)
+        except ValueError as exc:
+            logger.warning("not caching %s on the host: it does not fit the base model: %s", key, exc)
+            return
         with self._lock:
-            placement = self._pool.placement(key)
-            assert placement is not None and self._pool.is_held(key) and key not in self._loading, f"{key} not ready"
-            return placement.slot
+            if key not in self._retired:
+                self._counters.host_evictions += len(self._host.put(key, adapter))
 
     def counters(self) -> ResidencyCounters:
         with self._lock:

@@ -12,19 +12,15 @@ from collections.abc import Mapping
 import torch
 
 from adapters_store import LoraAdapter, LoraModuleWeights
-from server.model.llama import PACKED_MODULES, LlamaModel
+from server.model.config import lora_target_shapes
+from server.model.llama import LlamaModel
 
 
 class SlotWriter:
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
         self.device = model.embed_tokens.weight.device
-        # (HF module name) -> (in_features, out_features), the same in every layer
-        layer = model.layers[0]
-        self._module_shapes: dict[str, tuple[int, int]] = {}
-        for name, (packed, k) in PACKED_MODULES.items():
-            linear = model.packed_linear(layer, packed)
-            self._module_shapes[name] = (linear.in_features, linear.slice_sizes[k])
+        self._module_shapes = lora_target_shapes(model.config)  # HF module name -> (in_features, out_features)
 
     @property
     def bytes_per_row(self) -> int:

@@ -1,7 +1,8 @@
-"""Offline generation: every request in one batch, mixed adapters, a contiguous KV cache.
+"""A second generation loop, the tests' reference for the engine: every request in one batch, mixed adapters, a
+contiguous KV cache, no scheduler, no paging, no residency.
 
-The simple loop of the first slice: prefill every prompt in one flat forward pass, then decode one token per
-unfinished request per step. The continuous-batching engine replaces it; the model interface stays the same.
+Prefill every prompt in one flat forward pass, then decode one token per unfinished request per step. It shares only
+the model and the sampler with the engine, so agreeing with it checks the engine's batching, paging and slots.
 """
 
 import math
@@ -12,7 +13,7 @@ from typing import Protocol
 import torch
 
 from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.sampler import SamplingParams, make_generator, sample
+from server.engine.sampler import SamplingParams, make_generator, sample_rows
 from server.model.attention import ContiguousKVCache, SequenceChunk
 from server.model.llama import LlamaModel
 
@@ -43,6 +44,15 @@ class GenerationRequest:
 class GenerationResult:
     token_ids: list[int]  # generated tokens, the EOS that ended the request included
     finish_reason: str  # "stop" (an EOS id) or "length" (max_new_tokens or the model's maximum length)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """logits [num_seqs, vocab] fp32 -> one token id per sequence; RuntimeError if any row cannot be sampled."""
+    rows = sample_rows(logits, params, generators)
+    if rows.errors:
+        row, why = next(iter(rows.errors.items()))
+        raise RuntimeError(f"row {row}: {why}")
+    return [token for token in rows.token_ids if token is not None]
 
 
 def load_adapters_into_slots(model: LlamaModel, adapters: Mapping[str, AdapterWeights]) -> dict[str, int]:

@@ -1,6 +1,6 @@
 """Rows of the LoRA pool, handed out in pages: an adapter of rank r takes ceil(r / page_rows) pages of contiguous rows.
 
-Plain Python (no torch): the device pool decides *where* an adapter goes, and only the slot writer touches tensors.
+Plain Python (no torch): the slot pool decides *where* an adapter goes, and only the slot writer touches tensors.
 Free rows are kept as sorted, coalesced extents of pages. Allocation is best-fit (the smallest extent that fits,
 lowest start on ties), which keeps large extents whole for high-rank adapters when ranks are mixed.
 """
@@ -33,11 +33,6 @@ class RowAllocator:
     @property
     def num_used_rows(self) -> int:
         return sum(self._allocated.values()) * self.page_rows
-
-    @property
-    def largest_free_extent(self) -> int:
-        """The most rows one allocation could get right now."""
-        return max(self._free_lens, default=0) * self.page_rows
 
     def free_extents(self) -> list[tuple[int, int]]:
         """(row_start, num_rows) of every free extent, in row order."""

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kernels.lora_batch import LoraBatch
-from server.engine.adapter_key import AdapterKey
-from server.engine.merge_policy import AutoMergePolicy, MergePolicyConfig
-from server.engine.residency import Residency
-from server.engine.scheduled_batch import ScheduledBatch
+from server.engine.adapters.keys import AdapterKey
+from server.engine.adapters.residency import Residency
+from server.engine.merging.policy import AutoMergePolicy, MergePolicyConfig
+from server.engine.scheduling.batch import ScheduledBatch
 from server.model.llama import LlamaModel
 from server.model.lora_linear import LoraBatches
 from server.model.merge import MergedSlot, merge_slot_, merged_lora_batches, unmerge_

@@ -1,14 +1,15 @@
-"""One request over its life in the engine: its tokens, its adapter, its stop conditions, and the scheduler's state.
+"""One request over its life in the engine: its tokens, its pinned adapter, its sampling state, its stop conditions,
+and the scheduler's state.
 
-Plain Python. The sampling parameters are carried opaquely (`sampling`): the scheduler needs only `max_new_tokens`,
-and the sampler's types import torch.
+Plain Python. The sampling parameters and the request's random stream are carried opaquely (`sampling`,
+`generator`): the scheduler needs only `max_new_tokens`, and the sampler's types import torch.
 """
 
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
-from server.engine.adapter_key import AdapterKey
+from server.engine.adapters.keys import AdapterKey, PinnedAdapter
 
 FinishReason = Literal["stop", "length", "timeout", "abort", "error"]
 
@@ -25,10 +26,13 @@ class Sequence:
     prompt_token_ids: list[int]
     max_new_tokens: int
     eos_token_ids: frozenset[int] = frozenset()
-    adapter_id: str | None = None  # None for the base model
     tenant: str = "default"
-    adapter_version: int | str | None = None  # pinned by Scheduler.add unless the caller pinned it already
+    adapter: PinnedAdapter | None = None  # the version pinned when the request was submitted; None: the base model
     sampling: object = None  # the sampler's parameters, opaque here
+    # Why the stream lives here, made once and kept across preemption: a seeded request draws the same tokens whatever
+    # shares its batch, and a recompute after preemption continues the stream rather than restarting it.
+    generator: object = None  # the request's own random stream (a torch.Generator; None when greedy)
+    num_logprobs: int | None = None  # alternatives reported with each token's logprob; None: no logprobs
     deadline: float | None = None  # monotonic seconds; past it the request finishes with "timeout"
 
     # The scheduler's state.
@@ -44,12 +48,11 @@ class Sequence:
     error_cause: BaseException | None = None  # the exception behind `error`, when there is one
 
     def __post_init__(self) -> None:
-        if not self.prompt_token_ids:
-            raise ValueError(f"sequence {self.seq_id}: the prompt is empty")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"sequence {self.seq_id}: max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.adapter_id is None and self.adapter_version is not None:
-            raise ValueError(f"sequence {self.seq_id}: an adapter version without an adapter")
+        # The engine checked the request (server.engine.request.check_request) before making its sequence.
+        assert self.prompt_token_ids, f"sequence {self.seq_id}: the prompt is empty"
+        assert self.max_new_tokens >= 1, f"sequence {self.seq_id}: max_new_tokens {self.max_new_tokens}"
+        assert self.adapter is None or self.adapter.key.tenant == self.tenant, \
+            f"sequence {self.seq_id} of tenant {self.tenant!r} pinned {self.adapter.key}"
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -82,7 +85,12 @@ class Sequence:
     @property
     def adapter_key(self) -> AdapterKey | None:
         """The pinned adapter version this request runs with, or None for the base model."""
-        if self.adapter_id is None:
-            return None
-        assert self.adapter_version is not None, f"sequence {self.seq_id}: adapter version not pinned yet"
-        return AdapterKey(self.tenant, self.adapter_id, self.adapter_version)
+        return None if self.adapter is None else self.adapter.key
+
+    @property
+    def adapter_id(self) -> str | None:
+        return None if self.adapter is None else self.adapter.key.adapter_id
+
+    @property
+    def adapter_version(self) -> int | str | None:
+        return None if self.adapter is None else self.adapter.key.version

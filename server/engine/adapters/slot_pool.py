@@ -1,8 +1,10 @@
-"""The device tier's policy: which adapter sits in which slot and rows, who holds it, and who goes when room is short.
+"""The device tier's bookkeeping: which adapter sits in which slot and rows of the LoRA pool, who holds it, and who
+goes when room is short.
 
-Plain Python (no torch). A placed adapter owns one slot (the index the batch's token_slots use) and a run of pool
-rows (its max rank, rounded up to a page). The budget is rows: the device memory of a row across every layer is fixed
-(see `SlotWriter.bytes_per_row`), so rows x bytes per row is the tier's byte budget.
+Plain Python (no torch, no device memory: the slot writer owns the tensors). A placed adapter owns one slot (the
+index the batch's token_slots use) and a run of pool rows (its max rank, rounded up to a page). The budget is rows:
+the device memory of a row across every layer is fixed (see `SlotWriter.bytes_per_row`), so rows x bytes per row is
+the tier's byte budget.
 
 Holds are counted per key whether or not the key is placed yet (a request may hold an adapter that is still
 loading). A held adapter is never evicted. Unheld placed adapters form an LRU; `place` evicts from its old end until
@@ -15,7 +17,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from server.engine.row_allocator import RowAllocator
+from server.engine.adapters.row_allocator import RowAllocator
 
 K = TypeVar("K", bound=Hashable)
 
@@ -27,10 +29,10 @@ class Placement:
     num_rows: int  # rows taken, page rounding included
 
 
-class DevicePool(Generic[K]):
+class SlotPool(Generic[K]):
     def __init__(self, total_rows: int, num_slots: int, page_rows: int = 8) -> None:
         if num_slots <= 0:
-            raise ValueError(f"the device pool needs at least one slot, got {num_slots}")
+            raise ValueError(f"the slot pool needs at least one slot, got {num_slots}")
         self.rows = RowAllocator(total_rows, page_rows)
         self.num_slots = num_slots
         self._free_slots = set(range(num_slots))
@@ -63,9 +65,6 @@ class DevicePool(Generic[K]):
     def placed_keys(self) -> list[K]:
         """Placed keys, least recently used first."""
         return list(self._placed)
-
-    def num_holders(self, key: K) -> int:
-        return self._holders.get(key, 0)
 
     def is_held(self, key: K) -> bool:
         return key in self._holders

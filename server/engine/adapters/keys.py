@@ -1,5 +1,6 @@
-"""What residency is asked for (an adapter version), where it reads it from, and how a load fails. Plain Python, so
-the scheduler and the API can name adapters and errors without importing torch."""
+"""How the engine names an adapter version (`AdapterKey`), what a request pins (`PinnedAdapter`), where residency
+reads adapters from, and how a load fails. Plain Python, so the scheduler and the API can name adapters and errors
+without importing torch."""
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -23,6 +24,19 @@ class AdapterKey:
 
     def __str__(self) -> str:
         return f"{self.tenant}/{self.adapter_id}@{self.version}"
+
+
+@dataclass(frozen=True)
+class PinnedAdapter:
+    """The adapter version a request runs with, and what admission needs to know of it. Read from the store once,
+    when the request is submitted (AdapterCatalog.pin); it travels with the request, so the step loop never reads the
+    store. A version is immutable, so these facts never go stale."""
+
+    key: AdapterKey
+    max_rank: int  # the largest LoRA rank of its modules: the LoRA pool rows it needs
+
+    def __post_init__(self) -> None:
+        assert self.max_rank > 0, f"{self.key}: max rank {self.max_rank}"
 
 
 class AdapterSource(Protocol):

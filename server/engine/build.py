@@ -1,4 +1,5 @@
-"""Build a ready Engine from a checkpoint directory, an adapter store directory and a handful of options.
+"""Build a ready Engine from a checkpoint directory, an adapter store and a handful of options (`open_engine`), and
+describe a checkpoint's base model for the store (`base_description`).
 
 Sizing, in order: the model loads (and is quantized if asked); the LoRA pool takes its device budget; the KV cache
 takes `kv_cache_bytes` (default: enough for every admitted sequence at the model's full length, capped at a quarter
@@ -13,17 +14,16 @@ import torch
 
 from adapters_store import AdapterStore, BaseModelDescription
 from kernels.lora_ops import resolve_lora_backend
-from server.engine.adapter_gate import AdapterGate
-from server.engine.base_description import describe_base_model
+from server.engine.adapters.catalog import AdapterCatalog
+from server.engine.adapters.residency import Residency, ResidencyConfig
+from server.engine.adapters.slot_writer import SlotWriter
 from server.engine.engine import Engine
-from server.engine.merge_control import MERGE_MODES, MergeControl
-from server.engine.merge_policy import MergePolicyConfig
+from server.engine.merging.control import MERGE_MODES, MergeControl
+from server.engine.merging.policy import MergePolicyConfig
 from server.engine.model_runner import ModelRunner
-from server.engine.residency import Residency, ResidencyConfig
-from server.engine.scheduler_config import SchedulerConfig
-from server.engine.slot_writer import SlotWriter
-from server.engine.store_source import StoreAdapterSource
+from server.engine.scheduling.scheduler import SchedulerConfig
 from server.model.attention import PagedKVCache
+from server.model.config import ModelConfig, lora_target_shapes
 from server.model.llama import LlamaModel
 from server.model.loader import load_model, read_config, resolve_device, resolve_dtype
 from server.model.tokenizer import Tokenizer, load_tokenizer
@@ -74,9 +74,9 @@ class LoadedEngine(Engine):
     """An Engine with what its callers need to know about the model it serves."""
 
     def __init__(self, runner: ModelRunner, config: SchedulerConfig, tokenizer: Tokenizer, model: LlamaModel,
-                 gate: AdapterGate | None, merge: MergeControl | None, store: AdapterStore | None,
-                 model_name: str) -> None:
-        super().__init__(runner, config, tokenizer, model.config.vocab_size, gate, merge)
+                 catalog: AdapterCatalog | None, residency: Residency | None, merge: MergeControl | None,
+                 store: AdapterStore | None, model_name: str) -> None:
+        super().__init__(runner, config, tokenizer, model.config.vocab_size, catalog, residency, merge)
         self.model = model
         self.store = store  # owned by the caller, who opened it
         self.model_name = model_name
@@ -87,8 +87,8 @@ class LoadedEngine(Engine):
         """Unmerge, stop the adapter loader thread (the store stays open)."""
         if self.merge is not None:
             self.merge.close()
-        if self.adapters is not None:
-            self.adapters.residency.close()
+        if self.residency is not None:
+            self.residency.close()
 
 
 def open_engine(model_dir: Path, store: AdapterStore | None, options: EngineOptions,
@@ -105,17 +105,16 @@ def open_engine(model_dir: Path, store: AdapterStore | None, options: EngineOpti
         logger.info("NF4: decoder linear weights %.2f MB -> %.2f MB", dense / 1e6, nf4 / 1e6)
     tokenizer = load_tokenizer(model_dir, model.config.eos_token_ids)
 
-    gate = merge = None
+    catalog = residency = merge = None
     if store is not None:
-        residency = Residency(model, StoreAdapterSource(store), _residency_config(model, options))
-        gate = AdapterGate(residency, StoreAdapterSource(store))
+        catalog = AdapterCatalog(store)
+        residency = Residency(model, catalog, _residency_config(model, options))
         merge = MergeControl(model, residency, options.merge_policy, options.merge_policy_config,
                              options.merge_budget_bytes)
     kv_cache, scheduler_config = _kv_cache_and_limits(model, device, options)
-    runner = ModelRunner(model, kv_cache, slot_of=gate.residency.slot_of if gate else _no_adapters,
-                         lora_batches=merge.lora_batches if merge else None)
+    runner = ModelRunner(model, kv_cache, lora_batches=merge.lora_batches if merge else None)
 
-    engine = LoadedEngine(runner, scheduler_config, tokenizer, model, gate, merge, store,
+    engine = LoadedEngine(runner, scheduler_config, tokenizer, model, catalog, residency, merge, store,
                           model_name or Path(model_dir).name)
     logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max length %d, %d sequences at once",
                 engine.model_name, device, scheduler_config.num_blocks, scheduler_config.block_size,
@@ -126,6 +125,11 @@ def open_engine(model_dir: Path, store: AdapterStore | None, options: EngineOpti
 def base_description(model_dir: Path, model_name: str | None = None) -> BaseModelDescription:
     """What the store validates adapters against, from the checkpoint's config alone (no weights loaded)."""
     return describe_base_model(read_config(model_dir), name=model_name or Path(model_dir).name)
+
+
+def describe_base_model(config: ModelConfig, name: str = "") -> BaseModelDescription:
+    """The base model as plain data, which is all adapters_store may know about it."""
+    return BaseModelDescription(num_layers=config.num_layers, module_shapes=lora_target_shapes(config), name=name)
 
 
 def _residency_config(model: LlamaModel, options: EngineOptions) -> ResidencyConfig:
@@ -162,7 +166,3 @@ def _kv_cache_and_limits(model: LlamaModel, device: torch.device,
                                        max_num_seqs=options.max_num_seqs, max_overtakes=options.max_overtakes,
                                        prefill_chunk_size=options.prefill_chunk_size)
     return kv_cache, scheduler_config
-
-
-def _no_adapters(key: object) -> int:
-    raise AssertionError(f"adapter {key} scheduled on an engine that serves none")

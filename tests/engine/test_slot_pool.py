@@ -4,11 +4,11 @@ and a placement is refused only when not even evicting every unheld adapter woul
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.device_pool import DevicePool
+from server.engine.adapters.slot_pool import SlotPool
 
 
 def test_evicts_least_recently_used_unheld_and_reuses_its_rows():
-    pool: DevicePool[str] = DevicePool(total_rows=32, num_slots=4)
+    pool: SlotPool[str] = SlotPool(total_rows=32, num_slots=4)
     pool.place("a", 8)
     pool.place("b", 16)
     pool.place("c", 8)
@@ -20,14 +20,14 @@ def test_evicts_least_recently_used_unheld_and_reuses_its_rows():
 
 
 def test_mixed_ranks_cost_their_own_rows():
-    pool: DevicePool[str] = DevicePool(total_rows=64, num_slots=8)
+    pool: SlotPool[str] = SlotPool(total_rows=64, num_slots=8)
     sizes = {key: pool.place(key, rank)[0].num_rows for key, rank in [("r4", 4), ("r16", 16), ("r8", 8), ("r32", 32)]}
     assert sizes == {"r4": 8, "r16": 16, "r8": 8, "r32": 32}
     assert pool.num_used_rows == 64
 
 
 def test_refuses_when_only_held_adapters_are_left():
-    pool: DevicePool[str] = DevicePool(total_rows=16, num_slots=4)
+    pool: SlotPool[str] = SlotPool(total_rows=16, num_slots=4)
     pool.place("a", 8)
     pool.place("b", 8)
     pool.hold("a")
@@ -38,14 +38,14 @@ def test_refuses_when_only_held_adapters_are_left():
 
 
 def test_slots_are_a_budget_too():
-    pool: DevicePool[str] = DevicePool(total_rows=64, num_slots=2)
+    pool: SlotPool[str] = SlotPool(total_rows=64, num_slots=2)
     pool.place("a", 8)
     pool.place("b", 8)
     placement, evicted = pool.place("c", 8)  # rows to spare, but no slot: evict the LRU one for its slot
     assert [key for key, _ in evicted] == ["a"] and placement.slot == evicted[0][1].slot
 
 
-def fits_without_moving_held(pool: DevicePool, held: set, num_rows: int) -> bool:
+def fits_without_moving_held(pool: SlotPool, held: set, num_rows: int) -> bool:
     """Brute force: the gaps left between held adapters' rows, and the slots they leave."""
     if len([k for k in pool.placed_keys() if k in held]) >= pool.num_slots:
         return False
@@ -64,7 +64,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["place", "hold", "release", "free"]), 
 @settings(max_examples=300, deadline=None)
 @given(total_pages=st.integers(1, 8), num_slots=st.integers(1, 5), ops=OPS)
 def test_random_operations_keep_every_invariant(total_pages, num_slots, ops):
-    pool: DevicePool[int] = DevicePool(total_rows=total_pages * 8, num_slots=num_slots)
+    pool: SlotPool[int] = SlotPool(total_rows=total_pages * 8, num_slots=num_slots)
     holds: dict[int, int] = {}
     for op, key, rank in ops:
         before = {k: pool.placement(k) for k in pool.placed_keys()}
