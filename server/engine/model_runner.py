@@ -1,8 +1,10 @@
 """The one module that turns a scheduled batch into tensors, runs the model, and samples.
 
-Per step: flat token ids and positions for every chunk (prefill chunks and decodes together), each chunk's cache
-indices in the paged KV cache (from its block table), each token's LoRA slot (the chunk's, which the scheduler read
-from the sequence's hold), one forward pass, logits only at the last position of chunks that end at their sequence's
+Per step: the chunks ordered by adapter slot, so that each adapter's tokens are one contiguous run of the batch
+(the LoRA term then works on views of the activations; see kernels.lora_batch); flat token ids and positions for every
+chunk (prefill chunks and decodes together), each chunk's cache indices in the paged KV cache (from its block table),
+each token's LoRA slot (the chunk's, which the scheduler read from the sequence's hold); the step's LoRA batch built
+once and read by every layer; one forward pass, logits only at the last position of chunks that end at their sequence's
 last token, and one sample for each of those with the sequence's own sampling state.
 
 A sequence whose row cannot be sampled (its logits are NaN or infinite, e.g. from a broken adapter; or its draw
@@ -54,8 +56,11 @@ class ModelRunner:
         Safe to rerun after it raised: the KV cache writes land only in the batch's own cache entries and a rerun
         rewrites them, and the generators advance only in the draws, which come after the forward pass, the logits and
         their first host sync (where an asynchronous device error surfaces). Only the logprob bookkeeping follows."""
+        # Why a stable sort by slot: each adapter's chunks become one run (base-only ones first); a sequence's chunk
+        # stays whole, and the cache, the sampling and the results (by seq_id) do not depend on the order.
+        ordered = sorted(batch.chunks, key=lambda c: NO_SLOT if c.lora_slot is None else c.lora_slot)
         ids, positions, token_slots, chunks = [], [], [], []
-        for chunk in batch.chunks:
+        for chunk in ordered:
             seq, start, n = chunk.seq, chunk.start_position, chunk.num_tokens
             chunks.append(PagedSequenceChunk(token_start=len(ids), num_tokens=n, start_position=start,
                                              cache_indices=self._cache_indices(seq.block_table, start + n)))
@@ -66,7 +71,7 @@ class ModelRunner:
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                             self.kv_cache, self.lora_batches(token_slots))  # [num_tokens, hidden]
 
-        sampled = [(c, pc) for c, pc in zip(batch.chunks, chunks, strict=True) if c.is_sampled]
+        sampled = [(c, pc) for c, pc in zip(ordered, chunks, strict=True) if c.is_sampled]
         if not sampled:
             return StepResult({}, {})
         last_rows = torch.tensor([pc.token_start + pc.num_tokens - 1 for _, pc in sampled], device=self.device)
