@@ -18,7 +18,25 @@ from kernels.lora_weights import LoraWeights
 
 
 def lora_runs_torch(x: torch.Tensor, out: torch.Tensor, weights: LoraWeights, segments: Sequence[LoraSegment]) -> None:
-    """out [num_tokens, out_features] += the LoRA term of x [num_tokens, in] on every run of `segments`, in place."""
+    """out [num_tokens, out_features] += the LoRA term of x [num_tokens, in] on every run of `segments`, in place.
+
+    On CPU the runs are computed on one thread. Why: a run's matmuls are a few microseconds of work (rank 16), and
+    handing each to the intra-op pool first wakes its sleeping threads: in an engine step (power-law over 100
+    adapters, hidden 1024, 2 threads) a one-token run's bmm took ~95 µs on two threads against ~7 µs on one, and the
+    workload went from 0.54 to ~0.8 of base-only throughput (server/engine/BENCHMARKS.md). A long prefill run loses
+    little by it: its LoRA FLOPs are ~5% of the base layer's at rank 16."""
+    num_threads = torch.get_num_threads()
+    if num_threads == 1 or x.device.type != "cpu":
+        _add_runs(x, out, weights, segments)
+        return
+    torch.set_num_threads(1)
+    try:
+        _add_runs(x, out, weights, segments)
+    finally:
+        torch.set_num_threads(num_threads)
+
+
+def _add_runs(x: torch.Tensor, out: torch.Tensor, weights: LoraWeights, segments: Sequence[LoraSegment]) -> None:
     # fp32 layers add straight into out; fp16/bf16 ones compute the term in fp32 and round it into out once.
     in_place = out.dtype == torch.float32
     offsets = weights.slice_offsets

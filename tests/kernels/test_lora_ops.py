@@ -110,3 +110,24 @@ def test_triton_on_cpu_only_under_the_interpreter(monkeypatch):
 def test_unknown_backend_names_the_choices():
     with pytest.raises(ValueError, match="auto, triton, torch"):
         resolve_lora_backend("cuda", torch.device("cpu"))
+
+
+def test_the_torch_path_runs_on_one_thread_and_gives_the_pool_back(monkeypatch):
+    """Runs compute on one CPU thread (waking the intra-op pool per tiny matmul cost more than the matmul), and the
+    caller's thread count is restored afterwards, even when a run raises."""
+    case = make_case(torch.float32, 50, GQA, RANKS, sorted(TOKEN_SLOTS), seed=4)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        original = torch.bmm
+        monkeypatch.setattr(torch, "bmm", lambda *args: seen.append(torch.get_num_threads()) or original(*args))
+        apply(case, "torch", torch.device("cpu"))
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+
+        monkeypatch.setattr(torch, "bmm", lambda *args: (_ for _ in ()).throw(RuntimeError("injected")))
+        with pytest.raises(RuntimeError, match="injected"):
+            apply(case, "torch", torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
