@@ -10,11 +10,12 @@ Workloads (every request: a random prompt, a fixed number of new tokens, no EOS 
     power-law 100   100 adapters, request i picks adapter k with probability ∝ 1/(k+1)^alpha (S-LoRA's skew)
     distinct        every request its own adapter
     one, merged     the one-adapter workload again with that adapter merged into the base (merged mode)
-Columns: MB/step is the weights of the distinct adapters running in a step (what a step must read beyond the base);
-ideal is the ratio to base-only that the LoRA term's FLOPs (at the base run's FLOP rate) and bytes (at the measured
-copy bandwidth) allow;
-overhead vs ideal is the measured extra time over that ideal extra time. Then the same power-law requests against
-HF transformers + PEFT (when installed), with equal and with S-LoRA's varied lengths.
+Each workload runs in --rounds interleaved rounds; "vs base" is the median of its ratio to each round's base-only
+run, tokens/s the median run. "MB/step" is the weights of the distinct adapters running in a step (what a step reads
+beyond the base); "ideal" is the ratio to base-only that the LoRA term's FLOPs (at the base run's FLOP rate) and
+bytes (at the measured copy bandwidth) allow; "overhead vs ideal" is the measured extra time over that ideal extra
+time. Then the same power-law requests against HF transformers + PEFT (when installed), with equal and with S-LoRA's
+varied lengths.
 Each workload runs once to warm up (adapter loads into the host cache, allocator, kernels), then is timed. The
 checkpoint and adapters are random and written to a temporary directory in HF and PEFT formats, so the run uses
 exactly the serving path: store -> residency -> scheduler -> model runner.
@@ -23,6 +24,7 @@ exactly the serving path: store -> residency -> scheduler -> model runner.
 import argparse
 import json
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -107,6 +109,9 @@ def timed(engine, requests: list[EngineRequest], adapter_bytes: dict[str, int], 
           warm_up: bool = True) -> Run:
     if warm_up:
         engine.generate(requests)  # adapter loads into the host cache, allocator, kernels
+    else:  # a later round: bring back the device residents that other workloads evicted, as a steady server has them
+        engine.generate([EngineRequest([0], SamplingParams(max_new_tokens=1), adapter_id=adapter, request_id=f"w{i}")
+                         for i, adapter in enumerate(sorted({r.adapter_id for r in requests} - {None}))])
     loads_before, steps_before = engine.stats().residency.loads, engine.num_steps
     distinct_bytes: list[int] = []
 
@@ -126,6 +131,10 @@ def timed(engine, requests: list[EngineRequest], adapter_bytes: dict[str, int], 
     return Run(name, len({r.adapter_id for r in requests} - {None}), sum(len(c.token_ids) for c in results), seconds,
                engine.num_steps - steps_before, engine.stats().residency.loads - loads_before, lora_tokens,
                sum(distinct_bytes) / max(len(distinct_bytes), 1))
+
+
+def median_run(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda run: run.seconds)[len(runs) // 2]
 
 
 def ideal_extra_seconds(run: Run, base: Run, base_tokens_fed: int, base_flops_per_token: float,
@@ -156,7 +165,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=1.0, help="power-law exponent")
     parser.add_argument("--peer-requests", type=int, default=64,
                         help="requests of the transformers + PEFT comparison (0: skip it)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed runs of each workload, interleaved; best kept")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timed runs of each workload, interleaved; ratios are the median of each round's")
     parser.add_argument("--quick", action="store_true", help="hidden 256, 2 layers, 64 requests")
     args = parser.parse_args()
     if args.quick:
@@ -207,9 +217,10 @@ def main() -> None:
               f"{'MB/step':>8} {'ideal':>7} {'overhead vs ideal':>18}")
         runs = list(workloads(args.requests, args.adapters, args.alpha, rng).items())
         runs.append(("one, merged", ["a0"] * args.requests))  # merged mode: a0 folded into the base weights
-        # Why rounds, and the best of each: on a shared machine a neighbour's burst slows one run by 20% or more;
-        # interleaving the workloads and keeping each one's fastest run compares them under the same conditions.
-        best: dict[str, Run] = {}
+        # Why rounds, and the median of each round's ratio to that round's base-only run: on a shared machine the
+        # speed drifts by 20% or more over minutes (one base-only run read 698 tokens/s, another 866), so a workload
+        # is compared with a base run minutes apart only by luck; adjacent runs in one round share the conditions.
+        rounds: dict[str, list[Run]] = {name: [] for name, _ in runs}
         for round_number in range(args.rounds):
             for name, adapters in runs:
                 if name == "one, merged":
@@ -220,11 +231,13 @@ def main() -> None:
                 if name == "one, merged":
                     engine.merge.request_unmerge("default", "a0")
                     engine.step()
-                if name not in best or run.seconds < best[name].seconds:
-                    best[name] = run
-        base_run = best["base only"]
+                rounds[name].append(run)
+        ratios = {name: statistics.median(run.rate / base.rate for run, base in zip(done, rounds["base only"],
+                                                                                        strict=True))
+                  for name, done in rounds.items()}
+        base_run = median_run(rounds["base only"])
         for name, _ in runs:
-            run = best[name]
+            run = median_run(rounds[name])
             if name == "one, merged":  # merged requests run no LoRA term
                 run.lora_tokens, run.distinct_bytes_per_step = 0, 0.0
             base_tokens_fed = sum(len(p) for p in prompts) + base_run.tokens
@@ -232,7 +245,7 @@ def main() -> None:
                                         adapter_flops_per_token, copy_bytes_per_second)
             ideal_ratio = base_run.seconds / (base_run.seconds + extra)
             overhead = f"{(run.seconds - base_run.seconds) / extra:>17.1f}x" if extra else f"{'':>18}"
-            print(f"{name:<16} {run.num_adapters:>9} {run.rate:>10.1f} {run.rate / base_run.rate:>8.3f} "
+            print(f"{name:<16} {run.num_adapters:>9} {run.rate:>10.1f} {ratios[name]:>8.3f} "
                   f"{run.steps:>6} {run.loads:>6} {run.distinct_bytes_per_step / 1e6:>8.1f} {ideal_ratio:>7.3f} "
                   f"{overhead}")
         if args.peer_requests:
