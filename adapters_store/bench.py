@@ -1,7 +1,7 @@
 """Benchmark: the adapter store at N registered adapters, and cold loads against file size.
 
-    python -m adapters_store.bench                      # 10,000 adapters over 100 tenants; ranks 4..256
-    python -m adapters_store.bench --num 1000 --ranks 8 64 --layers 2
+    python -m lora_server.adapters_store.bench                      # 10,000 adapters over 100 tenants; ranks 4..256
+    python -m lora_server.adapters_store.bench --num 1000 --ranks 8 64 --layers 2
 
 Part 1, the registry. N puts of small adapters (rank 4, q_proj and v_proj of a 2-layer, hidden-64 base), each with
 full validation, through `AdapterStore.put`; the N adapters share `--contents` distinct contents, so most puts take
@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
-from adapters_store.base_model import LORA_TARGET_MODULES, BaseModelDescription, full_module_name
-from adapters_store.limits import StoreLimits
-from adapters_store.peft_adapter import WEIGHTS_FILE
-from adapters_store.peft_config import CONFIG_FILE
-from adapters_store.registry import AdapterVersion
-from adapters_store.store import AdapterStore
+from lora_server.adapters_store.base_model import LORA_TARGET_MODULES, BaseModelDescription, full_module_name
+from lora_server.adapters_store.limits import StoreLimits
+from lora_server.adapters_store.peft_adapter import WEIGHTS_FILE
+from lora_server.adapters_store.peft_config import CONFIG_FILE
+from lora_server.adapters_store.registry import AdapterVersion
+from lora_server.adapters_store.store import AdapterStore
 
 SMALL_BASE = BaseModelDescription(num_layers=2, module_shapes={m: (64, 64) for m in LORA_TARGET_MODULES},
                                   name="bench-small")

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 import torch
 from safetensors.torch import save as save_safetensors
 
-from adapters_store.base_model import full_module_name
-from adapters_store.errors import AdapterError
-from adapters_store.lora_adapter import LoraAdapter, LoraModuleWeights
-from adapters_store.peft_adapter import WEIGHTS_FILE
-from adapters_store.peft_config import CONFIG_FILE
-from adapters_store.peft_targets import MAX_LORA_SCALE
+from lora_server.adapters_store.base_model import full_module_name
+from lora_server.adapters_store.errors import AdapterError
+from lora_server.adapters_store.lora_adapter import LoraAdapter, LoraModuleWeights
+from lora_server.adapters_store.peft_adapter import WEIGHTS_FILE
+from lora_server.adapters_store.peft_config import CONFIG_FILE
+from lora_server.adapters_store.peft_targets import MAX_LORA_SCALE
 
 METHODS = ("linear", "svd")
 ModuleKey = tuple[int, str]

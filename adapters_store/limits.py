@@ -2,10 +2,10 @@
 
 from dataclasses import dataclass, fields
 
-from adapters_store.base_model import full_module_name
-from adapters_store.peft_config import config_error
-from adapters_store.peft_targets import TargetSpec
-from adapters_store.safetensors_header import DEFAULT_MAX_HEADER_BYTES
+from lora_server.adapters_store.base_model import full_module_name
+from lora_server.adapters_store.peft_config import config_error
+from lora_server.adapters_store.peft_targets import TargetSpec
+from lora_server.adapters_store.safetensors_header import DEFAULT_MAX_HEADER_BYTES
 
 KiB, MiB = 1 << 10, 1 << 20
 

@@ -11,13 +11,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from adapters_store.base_model import BaseModelDescription, full_module_name
-from adapters_store.errors import AdapterError
-from adapters_store.limits import StoreLimits, check_ranks
-from adapters_store.lora_adapter import LoraAdapter, LoraModuleWeights
-from adapters_store.peft_config import CONFIG_FILE, parse_lora_config
-from adapters_store.peft_targets import TargetSpec, resolve_targets
-from adapters_store.safetensors_header import DEFAULT_MAX_HEADER_BYTES, check_safetensors_header
+from lora_server.adapters_store.base_model import BaseModelDescription, full_module_name
+from lora_server.adapters_store.errors import AdapterError
+from lora_server.adapters_store.limits import StoreLimits, check_ranks
+from lora_server.adapters_store.lora_adapter import LoraAdapter, LoraModuleWeights
+from lora_server.adapters_store.peft_config import CONFIG_FILE, parse_lora_config
+from lora_server.adapters_store.peft_targets import TargetSpec, resolve_targets
+from lora_server.adapters_store.safetensors_header import DEFAULT_MAX_HEADER_BYTES, check_safetensors_header
 
 logger = logging.getLogger(__name__)
 

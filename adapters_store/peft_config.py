@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from adapters_store.base_model import LORA_TARGET_MODULES
-from adapters_store.errors import AdapterError
+from lora_server.adapters_store.base_model import LORA_TARGET_MODULES
+from lora_server.adapters_store.errors import AdapterError
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from adapters_store.base_model import LORA_TARGET_MODULES, BaseModelDescription
-from adapters_store.peft_config import LoraConfigFields, config_error
+from lora_server.adapters_store.base_model import LORA_TARGET_MODULES, BaseModelDescription
+from lora_server.adapters_store.peft_config import LoraConfigFields, config_error
 
 # Why 1e4: trained adapters have scales alpha/r (or alpha/sqrt(r)) of about 0.1 to 100, so 1e4 refuses only nonsense,
 # and it keeps scale * (B @ A @ x) far from float16's largest value (65504) for weights and activations of ordinary

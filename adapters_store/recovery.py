@@ -13,8 +13,8 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from adapters_store.blobs import BlobStore
-from adapters_store.registry import READY, AdapterVersion, Registry
+from lora_server.adapters_store.blobs import BlobStore
+from lora_server.adapters_store.registry import READY, AdapterVersion, Registry
 
 logger = logging.getLogger(__name__)
 

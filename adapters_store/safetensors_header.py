@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from adapters_store.errors import AdapterError
+from lora_server.adapters_store.errors import AdapterError
 
 HEADER_LENGTH_BYTES = 8
 DEFAULT_MAX_HEADER_BYTES = 1 << 20  # a Llama-70B all-linear LoRA (1,120 tensors) needs ~170 KiB

@@ -23,16 +23,16 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapters_store.base_model import BaseModelDescription
-from adapters_store.blobs import BlobStore, sha256_hex
-from adapters_store.limits import StoreLimits
-from adapters_store.lora_adapter import LoraAdapter
-from adapters_store.peft_adapter import WEIGHTS_FILE, parse_peft_adapter
-from adapters_store.peft_config import CONFIG_FILE
-from adapters_store.recovery import RecoveryReport, recover
-from adapters_store.registry import DELETED, READY, UNUSABLE, AdapterVersion, Registry
-from adapters_store.store_errors import AdapterNotFound, AdapterUnusable, StoreLocked
-from adapters_store.upload import check_id, split_upload
+from lora_server.adapters_store.base_model import BaseModelDescription
+from lora_server.adapters_store.blobs import BlobStore, sha256_hex
+from lora_server.adapters_store.limits import StoreLimits
+from lora_server.adapters_store.lora_adapter import LoraAdapter
+from lora_server.adapters_store.peft_adapter import WEIGHTS_FILE, parse_peft_adapter
+from lora_server.adapters_store.peft_config import CONFIG_FILE
+from lora_server.adapters_store.recovery import RecoveryReport, recover
+from lora_server.adapters_store.registry import DELETED, READY, UNUSABLE, AdapterVersion, Registry
+from lora_server.adapters_store.store_errors import AdapterNotFound, AdapterUnusable, StoreLocked
+from lora_server.adapters_store.upload import check_id, split_upload
 
 logger = logging.getLogger(__name__)
 

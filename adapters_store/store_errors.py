@@ -1,6 +1,6 @@
 """Errors of the adapter store, besides AdapterError (a refused upload)."""
 
-from adapters_store.errors import AdapterError
+from lora_server.adapters_store.errors import AdapterError
 
 
 class AdapterNotFound(LookupError):

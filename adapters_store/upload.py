@@ -8,11 +8,11 @@ ID_PATTERN in its OpenAPI schema."""
 import re
 from collections.abc import Mapping
 
-from adapters_store.errors import AdapterError
-from adapters_store.limits import StoreLimits
-from adapters_store.peft_adapter import PICKLE_SUFFIXES, WEIGHTS_FILE
-from adapters_store.peft_config import CONFIG_FILE
-from adapters_store.store_errors import AdapterTooLarge
+from lora_server.adapters_store.errors import AdapterError
+from lora_server.adapters_store.limits import StoreLimits
+from lora_server.adapters_store.peft_adapter import PICKLE_SUFFIXES, WEIGHTS_FILE
+from lora_server.adapters_store.peft_config import CONFIG_FILE
+from lora_server.adapters_store.store_errors import AdapterTooLarge
 
 # Anchored for JSON Schema's `pattern` (a search, not a full match); fullmatch here.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")

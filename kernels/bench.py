@@ -1,9 +1,10 @@
 """Benchmark: segmented LoRA shrink/expand in Triton against a gather+bmm torch baseline, beside the base layer.
 
-    python -m kernels.bench            # Llama-7B/8B shapes on CUDA; a tiny table on a machine without it
-    python -m kernels.bench --quick    # o, qkv 8B and gate_up 8B at rank 16 only
-    python -m kernels.bench --ranks 16 --batches 1 64 --popularity distinct zipf --layers qkv --dtype float16
-    python -m kernels.bench --cpu-crossover --threads 1   # CPU: the torch backend's runs against its gathered form
+    python -m lora_server.kernels.bench            # Llama-7B/8B shapes on CUDA; a tiny table on a machine without it
+    python -m lora_server.kernels.bench --quick    # o, qkv 8B and gate_up 8B at rank 16 only
+    python -m lora_server.kernels.bench --ranks 16 --batches 1 64 --popularity distinct zipf --layers qkv \
+        --dtype float16
+    python -m lora_server.kernels.bench --cpu-crossover --threads 1   # CPU: runs on views against the gathered form
 
 A row is a layer shape, one rank for every adapter and slice, an adapter popularity and a batch:
     decode:   `tokens` sequences of one token each
@@ -44,11 +45,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.lora_batch import GatheredTokens, LoraBatch
-from kernels.lora_gather import lora_gathered_torch
-from kernels.lora_ops import apply_lora
-from kernels.lora_torch import lora_runs_torch
-from kernels.lora_weights import LoraWeights
+from lora_server.kernels.lora_batch import GatheredTokens, LoraBatch
+from lora_server.kernels.lora_gather import lora_gathered_torch
+from lora_server.kernels.lora_ops import apply_lora
+from lora_server.kernels.lora_torch import lora_runs_torch
+from lora_server.kernels.lora_weights import LoraWeights
 
 # name: (in_features, output slices)
 LLAMA_LAYERS = {
@@ -326,8 +327,8 @@ class Row:
 
 def triton_fns(s: Setup) -> tuple[ShrinkFn, ExpandFn]:
     """(shrink() -> y, expand(y, out)) of the Triton kernels."""
-    from kernels.lora_expand import lora_expand_triton
-    from kernels.lora_shrink import lora_shrink_triton
+    from lora_server.kernels.lora_expand import lora_expand_triton
+    from lora_server.kernels.lora_shrink import lora_shrink_triton
 
     w = s.weights
     return (

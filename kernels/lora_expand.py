@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_batch import LoraBatch
-from kernels.lora_shrink import HALF_DTYPES, MAX_GRID_YZ, block_m_for, check_lora_batch, check_slot_tables
+from lora_server.kernels.lora_batch import LoraBatch
+from lora_server.kernels.lora_shrink import HALF_DTYPES, MAX_GRID_YZ, block_m_for, check_lora_batch, check_slot_tables
 
 BLOCK_R = 16  # rank block: the smallest tl.dot reduction width worth an mma, and the unit a slot's rank is charged in
 # BLOCK_M: (BLOCK_N, num_warps), chosen as in `kernels.lora_shrink.SHRINK_CONFIGS` (no spills, ≤ 128 registers).

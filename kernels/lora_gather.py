@@ -13,8 +13,8 @@ slots in this layer, r = rank[s][k], a = row_start[s]):
 
 import torch
 
-from kernels.lora_batch import GatheredTokens
-from kernels.lora_weights import LoraWeights
+from lora_server.kernels.lora_batch import GatheredTokens
+from lora_server.kernels.lora_weights import LoraWeights
 
 
 def lora_gathered_torch(x: torch.Tensor, out: torch.Tensor, weights: LoraWeights, gathered: GatheredTokens) -> None:

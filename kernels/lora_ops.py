@@ -14,10 +14,10 @@ from importlib.util import find_spec
 
 import torch
 
-from kernels.lora_batch import LoraBatch
-from kernels.lora_gather import lora_gathered_torch
-from kernels.lora_torch import lora_runs_torch
-from kernels.lora_weights import LoraWeights
+from lora_server.kernels.lora_batch import LoraBatch
+from lora_server.kernels.lora_gather import lora_gathered_torch
+from lora_server.kernels.lora_torch import lora_runs_torch
+from lora_server.kernels.lora_weights import LoraWeights
 
 LORA_BACKENDS = ("auto", "triton", "torch")
 # The torch backend gathers one-token runs (decodes of distinct adapters) into one set when there are at least
@@ -67,8 +67,8 @@ def apply_lora(backend: str, x: torch.Tensor, out: torch.Tensor, weights: LoraWe
     elif backend == "triton":
         # Imported on first use: @triton.jit reads TRITON_INTERPRET when the kernel module is imported, and a
         # CPU-only server never pays for importing triton.
-        from kernels.lora_expand import lora_expand_triton
-        from kernels.lora_shrink import lora_shrink_triton
+        from lora_server.kernels.lora_expand import lora_expand_triton
+        from lora_server.kernels.lora_shrink import lora_shrink_triton
 
         y = lora_shrink_triton(x, weights.lora_a, batch, weights.device_row_starts, weights.device_ranks,
                                weights.device_scales, weights.max_rank)

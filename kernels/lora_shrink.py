@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_batch import LoraBatch
+from lora_server.kernels.lora_batch import LoraBatch
 
 DECODE_MAX_SEGMENT_LEN = 4  # longest segment still handled by the CUDA-core (BGMV-like) variant
 LONG_SEGMENT_LEN = 128  # from here on, 64-row tiles
@@ -37,7 +37,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # BLOCK_M: (BLOCK_K, num_warps). Picked so no variant spills and fp16/bf16 ones stay at ≤ 128 registers a thread on
 # sm_80/sm_90 (ahead-of-time compile, `cuobjdump -res-usage`), which keeps several programs resident per SM. Not yet
-# tuned by timing: `python -m kernels.bench` on the target GPU is the place to do that.
+# tuned by timing: `python -m lora_server.kernels.bench` on the target GPU is the place to do that.
 SHRINK_CONFIGS = {1: (128, 4), 2: (128, 4), 4: (64, 4), 16: (128, 4), 64: (64, 8)}
 
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.lora_batch import LoraSegment
-from kernels.lora_weights import LoraWeights
+from lora_server.kernels.lora_batch import LoraSegment
+from lora_server.kernels.lora_weights import LoraWeights
 
 
 def lora_runs_torch(x: torch.Tensor, out: torch.Tensor, weights: LoraWeights, segments: Sequence[LoraSegment]) -> None:

@@ -9,12 +9,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from loadtest.client import Endpoint, Result, stream_completion, stream_generate
-from loadtest.report import format_table, summarize
+from lora_server.loadtest.client import Endpoint, Result, stream_completion, stream_generate
+from lora_server.loadtest.report import format_table, summarize
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lora_server.loadtest", description=__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--adapters", default="all",

@@ -2,7 +2,7 @@
 
 from collections import Counter
 
-from loadtest.client import Result
+from lora_server.loadtest.client import Result
 
 PERCENTILES = (50, 90, 99)
 

@@ -1,3 +1,3 @@
-from server.cli import main
+from lora_server.cli import main
 
 main()

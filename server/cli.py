@@ -7,16 +7,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from adapters_store import AdapterError, AdapterNotFound, AdapterStore
-from kernels.lora_ops import LORA_BACKENDS, resolve_lora_backend
-from server.api.serve import add_serve_parser, run_serve
-from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
-from server.engine.build import EngineOptions, base_description, open_engine
-from server.engine.request import EngineRequest, RequestError
-from server.engine.sampler import SamplingError, SamplingParams
-from server.export import ExportError, add_merge_parser, run_merge
-from server.model.config import ModelConfigError
-from server.model.loader import resolve_device
+from lora_server.adapters_store import AdapterError, AdapterNotFound, AdapterStore
+from lora_server.api.serve import add_serve_parser, run_serve
+from lora_server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
+from lora_server.engine.build import EngineOptions, base_description, open_engine
+from lora_server.engine.request import EngineRequest, RequestError
+from lora_server.engine.sampler import SamplingError, SamplingParams
+from lora_server.export import ExportError, add_merge_parser, run_merge
+from lora_server.kernels.lora_ops import LORA_BACKENDS, resolve_lora_backend
+from lora_server.model.config import ModelConfigError
+from lora_server.model.loader import resolve_device
 
 logger = logging.getLogger("lora_server")
 

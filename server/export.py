@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adapters_store import full_module_name, load_peft_adapter
-from server.engine.build import describe_base_model
-from server.model.config import PACKED_MODULES
-from server.model.llama import LlamaModel
-from server.model.loader import INDEX_FILE, SINGLE_FILE, load_model, read_config
-from server.model.merge import add_deltas_, effective_weight
+from lora_server.adapters_store import full_module_name, load_peft_adapter
+from lora_server.engine.build import describe_base_model
+from lora_server.model.config import PACKED_MODULES
+from lora_server.model.llama import LlamaModel
+from lora_server.model.loader import INDEX_FILE, SINGLE_FILE, load_model, read_config
+from lora_server.model.merge import add_deltas_, effective_weight
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def export_merged(model_dir: Path, adapter_dir: Path, out_dir: Path, quantize: s
     load_dtype = out_dtype if quantize == "nf4" else DTYPES.get(config.checkpoint_dtype, torch.float32)
     model = load_model(model_dir, torch.device("cpu"), load_dtype)
     if quantize == "nf4":
-        from server.model.nf4 import quantize_nf4_  # bitsandbytes is imported only when asked for
+        from lora_server.model.nf4 import quantize_nf4_  # bitsandbytes is imported only when asked for
 
         quantize_nf4_(model)
 

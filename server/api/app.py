@@ -8,15 +8,15 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 
-from server.api import routes_adapters, routes_combine, routes_generate, routes_merge, routes_openai, routes_ops
-from server.api.auth import ApiKeys
-from server.api.config import ApiConfig
-from server.api.errors import INVALID_REQUEST, ApiError, error_response, install_error_handlers
-from server.api.generation import ClientDisconnected
-from server.api.middleware import AccountingMiddleware, GateMiddleware
-from server.api.openapi import install_true_openapi
-from server.api.path_ids import check_path_ids
-from server.api.state import Loader, ServerState
+from lora_server.api import routes_adapters, routes_combine, routes_generate, routes_merge, routes_openai, routes_ops
+from lora_server.api.auth import ApiKeys
+from lora_server.api.config import ApiConfig
+from lora_server.api.errors import INVALID_REQUEST, ApiError, error_response, install_error_handlers
+from lora_server.api.generation import ClientDisconnected
+from lora_server.api.middleware import AccountingMiddleware, GateMiddleware
+from lora_server.api.openapi import install_true_openapi
+from lora_server.api.path_ids import check_path_ids
+from lora_server.api.state import Loader, ServerState
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for it: nobody receives the response, but the metrics say what happened
 

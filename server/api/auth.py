@@ -15,8 +15,8 @@ from typing import Literal
 
 from fastapi import Request
 
-from adapters_store.upload import ID_PATTERN
-from server.api.errors import AUTHENTICATION, PERMISSION, ApiError
+from lora_server.adapters_store.upload import ID_PATTERN
+from lora_server.api.errors import AUTHENTICATION, PERMISSION, ApiError
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.api.auth import Principal
-from server.api.middleware import PRINCIPAL_KEY
-from server.api.state import ServerState
+from lora_server.api.auth import Principal
+from lora_server.api.middleware import PRINCIPAL_KEY
+from lora_server.api.state import ServerState
 
 
 def get_state(request: Request) -> ServerState:

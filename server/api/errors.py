@@ -11,11 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_store import AdapterError, AdapterNotFound, AdapterUnusable
-from adapters_store.store_errors import AdapterTooLarge
-from server.engine.merging.control import MergeRefused
-from server.engine.request import EngineStoppedError, QueueFullError, RequestError
-from server.engine.sampler import SamplingError
+from lora_server.adapters_store import AdapterError, AdapterNotFound, AdapterUnusable
+from lora_server.adapters_store.store_errors import AdapterTooLarge
+from lora_server.engine.merging.control import MergeRefused
+from lora_server.engine.request import EngineStoppedError, QueueFullError, RequestError
+from lora_server.engine.sampler import SamplingError
 
 OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 

@@ -19,14 +19,14 @@ from typing import TypeVar
 from starlette.requests import Request
 from starlette.types import Receive
 
-from server.api.auth import Principal
-from server.api.config import ApiConfig
-from server.api.errors import CONFLICT, INVALID_REQUEST, NOT_FOUND, SERVER, ApiError, invalid_request
-from server.api.metrics import ApiMetrics
-from server.api.state import Served
-from server.engine.async_engine import RequestStream
-from server.engine.request import EngineRequest, RequestDelta, TokenLogprob
-from server.engine.sampler import SamplingError, SamplingParams
+from lora_server.api.auth import Principal
+from lora_server.api.config import ApiConfig
+from lora_server.api.errors import CONFLICT, INVALID_REQUEST, NOT_FOUND, SERVER, ApiError, invalid_request
+from lora_server.api.metrics import ApiMetrics
+from lora_server.api.state import Served
+from lora_server.engine.async_engine import RequestStream
+from lora_server.engine.request import EngineRequest, RequestDelta, TokenLogprob
+from lora_server.engine.sampler import SamplingError, SamplingParams
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ import logging
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from server.api.errors import INVALID_REQUEST, ApiError, error_body
+from lora_server.api.errors import INVALID_REQUEST, ApiError, error_body
 
 logger = logging.getLogger(__name__)
 

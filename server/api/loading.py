@@ -7,12 +7,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters_store import READY, AdapterStore, StoreLimits
-from server.api.chat_template import ChatTemplate
-from server.api.state import Served
-from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
-from server.engine.async_engine import AsyncEngine
-from server.engine.build import EngineOptions, base_description, open_engine
+from lora_server.adapters_store import READY, AdapterStore, StoreLimits
+from lora_server.api.chat_template import ChatTemplate
+from lora_server.api.state import Served
+from lora_server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
+from lora_server.engine.async_engine import AsyncEngine
+from lora_server.engine.build import EngineOptions, base_description, open_engine
 
 logger = logging.getLogger(__name__)
 

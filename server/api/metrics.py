@@ -16,9 +16,9 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from server.api.adapter_traffic import AdapterTraffic
-from server.engine.engine import EngineStats
-from server.engine.merging.control import MergeStats
+from lora_server.api.adapter_traffic import AdapterTraffic
+from lora_server.engine.engine import EngineStats
+from lora_server.engine.merging.control import MergeStats
 
 PREFIX = "lora_server_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -18,9 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.auth import principal_of
-from server.api.errors import ApiError, error_response, unavailable
-from server.api.state import ServerState
+from lora_server.api.auth import principal_of
+from lora_server.api.errors import ApiError, error_response, unavailable
+from lora_server.api.state import ServerState
 
 PUBLIC_PATHS = ("/health", "/ready", "/metrics")  # no key needed, and still answered while draining
 UPLOAD_PREFIX = "/v1/adapters"

@@ -5,7 +5,7 @@ multi-byte character shows as U+FFFD, with its bytes given where OpenAI's format
 
 from collections.abc import Callable
 
-from server.engine.request import TokenLogprob
+from lora_server.engine.request import TokenLogprob
 
 Decode = Callable[[list[int]], str]
 

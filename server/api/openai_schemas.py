@@ -9,8 +9,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from server.api.errors import invalid_request
-from server.api.schemas import VALID_TEXT, Text
+from lora_server.api.errors import invalid_request
+from lora_server.api.schemas import VALID_TEXT, Text
 
 # What a chat message may be. A message of any other role would reach the template, which renders only the roles it
 # knows: it would be dropped without a word. `developer` and `tool` are OpenAI's, but this server runs no tools and

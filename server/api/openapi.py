@@ -11,13 +11,13 @@ from http import HTTPStatus
 
 from fastapi import FastAPI
 
-from adapters_store.upload import ID_PATTERN
-from server.api.config import ApiConfig
-from server.api.errors import OPENAI_PATHS
-from server.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from server.api.path_ids import ADAPTER_ID_PARAM
-from server.api.schemas import ID_DESCRIPTION
-from server.api.sse import MEDIA_TYPE as EVENT_STREAM
+from lora_server.adapters_store.upload import ID_PATTERN
+from lora_server.api.config import ApiConfig
+from lora_server.api.errors import OPENAI_PATHS
+from lora_server.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from lora_server.api.path_ids import ADAPTER_ID_PARAM
+from lora_server.api.schemas import ID_DESCRIPTION
+from lora_server.api.sse import MEDIA_TYPE as EVENT_STREAM
 
 PUBLIC_OPERATIONS = {("get", "/health"), ("get", "/ready"), ("get", "/metrics")}  # no key; answered while draining
 GENERATION = (400, 404, 409, 422, 429)

@@ -4,8 +4,8 @@ or an adapter id). app.py adds this dependency to every router, so a route added
 
 from fastapi import Request
 
-from adapters_store.upload import check_id
-from server.api.deps import StateDep
+from lora_server.adapters_store.upload import check_id
+from lora_server.api.deps import StateDep
 
 ADAPTER_ID_PARAM = "adapter_id"
 MODEL_PARAM = "model"

@@ -13,14 +13,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from adapters_store import AdapterError, AdapterStore, AdapterVersion
-from adapters_store.peft_adapter import WEIGHTS_FILE
-from adapters_store.peft_config import CONFIG_FILE
-from adapters_store.upload import check_id
-from server.api.auth import Principal, require_admin
-from server.api.deps import CallerDep, StateDep
-from server.api.errors import CONFLICT, TOO_LARGE, ApiError, api_error_from, invalid_request, not_found
-from server.api.schemas import (
+from lora_server.adapters_store import AdapterError, AdapterStore, AdapterVersion
+from lora_server.adapters_store.peft_adapter import WEIGHTS_FILE
+from lora_server.adapters_store.peft_config import CONFIG_FILE
+from lora_server.adapters_store.upload import check_id
+from lora_server.api.auth import Principal, require_admin
+from lora_server.api.deps import CallerDep, StateDep
+from lora_server.api.errors import CONFLICT, TOO_LARGE, ApiError, api_error_from, invalid_request, not_found
+from lora_server.api.schemas import (
     AdapterCreated,
     AdapterDeleted,
     AdapterDetail,
@@ -28,9 +28,9 @@ from server.api.schemas import (
     AdapterList,
     AdapterSummary,
 )
-from server.api.state import Served, ServerState
-from server.engine.adapters.keys import AdapterKey
-from server.engine.merging.control import MergeRefused
+from lora_server.api.state import Served, ServerState
+from lora_server.engine.adapters.keys import AdapterKey
+from lora_server.engine.merging.control import MergeRefused
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

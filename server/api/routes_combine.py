@@ -11,14 +11,14 @@ import logging
 
 from fastapi import APIRouter
 
-from adapters_store import AdapterStore, LoraAdapter
-from adapters_store.combine import METHODS, combine_adapters
-from adapters_store.upload import check_id
-from server.api.auth import require_admin
-from server.api.deps import CallerDep, StateDep
-from server.api.errors import invalid_request
-from server.api.routes_adapters import check_adapter_id, created_body, require_store, store_version
-from server.api.schemas import AdapterCombined, CombineRequest
+from lora_server.adapters_store import AdapterStore, LoraAdapter
+from lora_server.adapters_store.combine import METHODS, combine_adapters
+from lora_server.adapters_store.upload import check_id
+from lora_server.api.auth import require_admin
+from lora_server.api.deps import CallerDep, StateDep
+from lora_server.api.errors import invalid_request
+from lora_server.api.routes_adapters import check_adapter_id, created_body, require_store, store_version
+from lora_server.api.schemas import AdapterCombined, CombineRequest
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

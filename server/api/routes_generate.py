@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from adapters_store.upload import check_id
-from server.api.deps import CallerDep, StateDep
-from server.api.generation import TrackedStream, build_request, error_of, new_id, until_disconnected
-from server.api.schemas import GenerateRequest, GenerateResponse
-from server.api.sse import EventStreamResponse, sse_event
-from server.engine.request import RequestDelta, TokenLogprob
+from lora_server.adapters_store.upload import check_id
+from lora_server.api.deps import CallerDep, StateDep
+from lora_server.api.generation import TrackedStream, build_request, error_of, new_id, until_disconnected
+from lora_server.api.schemas import GenerateRequest, GenerateResponse
+from lora_server.api.sse import EventStreamResponse, sse_event
+from lora_server.engine.request import RequestDelta, TokenLogprob
 
 router = APIRouter()
 

@@ -20,10 +20,10 @@ import logging
 
 from fastapi import APIRouter
 
-from server.api.auth import require_admin
-from server.api.deps import CallerDep, StateDep
-from server.api.routes_adapters import no_adapter, require_store
-from server.api.schemas import AdapterMerged, AdapterUnmerged
+from lora_server.api.auth import require_admin
+from lora_server.api.deps import CallerDep, StateDep
+from lora_server.api.routes_adapters import no_adapter, require_store
+from lora_server.api.schemas import AdapterMerged, AdapterUnmerged
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

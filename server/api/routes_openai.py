@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from adapters_store import AdapterNotFound
-from adapters_store.upload import check_id
-from server.api import openai_format as fmt
-from server.api.auth import Principal
-from server.api.chat_template import ChatTemplateError, Message
-from server.api.deps import CallerDep, StateDep
-from server.api.errors import NOT_FOUND, ApiError, invalid_request
-from server.api.generation import (
+from lora_server.adapters_store import AdapterNotFound
+from lora_server.adapters_store.upload import check_id
+from lora_server.api import openai_format as fmt
+from lora_server.api.auth import Principal
+from lora_server.api.chat_template import ChatTemplateError, Message
+from lora_server.api.deps import CallerDep, StateDep
+from lora_server.api.errors import NOT_FOUND, ApiError, invalid_request
+from lora_server.api.generation import (
     TrackedStream,
     build_request,
     error_of,
@@ -27,10 +27,10 @@ from server.api.generation import (
     submit_all,
     until_disconnected,
 )
-from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
-from server.api.sse import DONE, EventStreamResponse, sse_event
-from server.api.state import Served, ServerState
-from server.engine.request import EngineRequest, RequestDelta
+from lora_server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from lora_server.api.sse import DONE, EventStreamResponse, sse_event
+from lora_server.api.state import Served, ServerState
+from lora_server.engine.request import EngineRequest, RequestDelta
 
 router = APIRouter()
 OPENAI_DEFAULT_TEMPERATURE = 1.0

@@ -10,9 +10,9 @@ from typing import Protocol
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from server.api.deps import StateDep
-from server.api.errors import SERVER, UNAVAILABLE
-from server.api.metrics import CONTENT_TYPE
+from lora_server.api.deps import StateDep
+from lora_server.api.errors import SERVER, UNAVAILABLE
+from lora_server.api.metrics import CONTENT_TYPE
 
 router = APIRouter()
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
-from adapters_store.upload import ID_PATTERN, ID_RULE, ROUTE_WORDS
+from lora_server.adapters_store.upload import ID_PATTERN, ID_RULE, ROUTE_WORDS
 
 
 def _utf8_text(value: object) -> object:

@@ -26,16 +26,16 @@ from types import FrameType
 import uvicorn
 from prometheus_client import disable_created_metrics
 
-from adapters_store import StoreLimits
-from kernels.lora_ops import LORA_BACKENDS
-from server.api.app import create_app
-from server.api.auth import DEFAULT_TENANT, ApiKeys, ApiKeysError
-from server.api.config import ApiConfig
-from server.api.header_timeout import with_header_timeout
-from server.api.loading import ServeTarget, open_served
-from server.api.state import ServerState
-from server.engine.build import EngineOptions
-from server.engine.merging.control import MERGE_MODES
+from lora_server.adapters_store import StoreLimits
+from lora_server.api.app import create_app
+from lora_server.api.auth import DEFAULT_TENANT, ApiKeys, ApiKeysError
+from lora_server.api.config import ApiConfig
+from lora_server.api.header_timeout import with_header_timeout
+from lora_server.api.loading import ServeTarget, open_served
+from lora_server.api.state import ServerState
+from lora_server.engine.build import EngineOptions
+from lora_server.engine.merging.control import MERGE_MODES
+from lora_server.kernels.lora_ops import LORA_BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.api.serve", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lora_server.api.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(parser)
     args = parser.parse_args(argv)

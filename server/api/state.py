@@ -11,16 +11,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from adapters_store import AdapterError, AdapterStore, StoreLocked
-from server.api.auth import ApiKeys
-from server.api.chat_template import ChatTemplate
-from server.api.config import ApiConfig
-from server.api.errors import unavailable
-from server.api.metrics import ApiMetrics
-from server.engine.adapters.keys import AdapterKey
-from server.engine.async_engine import AsyncEngine
-from server.engine.engine import EngineStats
-from server.model.config import ModelConfigError
+from lora_server.adapters_store import AdapterError, AdapterStore, StoreLocked
+from lora_server.api.auth import ApiKeys
+from lora_server.api.chat_template import ChatTemplate
+from lora_server.api.config import ApiConfig
+from lora_server.api.errors import unavailable
+from lora_server.api.metrics import ApiMetrics
+from lora_server.engine.adapters.keys import AdapterKey
+from lora_server.engine.async_engine import AsyncEngine
+from lora_server.engine.engine import EngineStats
+from lora_server.model.config import ModelConfigError
 
 logger = logging.getLogger(__name__)
 

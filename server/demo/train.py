@@ -2,7 +2,7 @@
 
 Reproduce the committed files (about 20-25 minutes on 2 idle CPU cores) with the test extra installed:
 
-    python -m server.demo.train --out server/demo
+    python -m lora_server.demo.train --out server/demo
 
 The base model learns ``"<text> => "`` -> ``text</s>``; each adapter is trained with the base frozen on its own
 transformation from ``server.demo.tasks``. transformers and PEFT do the training so that the files are, by
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, processors
 
-from server.demo import tasks
+from lora_server.demo import tasks
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 
-from adapters_store import LoraAdapter
-from server.engine.adapters.keys import AdapterKey
-from server.engine.engine import Engine, EngineStats
-from server.engine.merging.control import MergeRefused
-from server.engine.request import (
+from lora_server.adapters_store import LoraAdapter
+from lora_server.engine.adapters.keys import AdapterKey
+from lora_server.engine.engine import Engine, EngineStats
+from lora_server.engine.merging.control import MergeRefused
+from lora_server.engine.request import (
     EngineRequest,
     EngineStoppedError,
     PreparedRequest,

@@ -1,8 +1,8 @@
 """Offline engine throughput (generated tokens/s) by adapter popularity, with the ratio to base-only in the same run.
 
-    python -m server.engine.bench                    # a random 4-layer, hidden-1024 Llama; 256 requests
-    python -m server.engine.bench --quick            # smaller, for a smoke run
-    python -m server.engine.bench --device cuda --hidden 4096 --layers 8
+    python -m lora_server.engine.bench                    # a random 4-layer, hidden-1024 Llama; 256 requests
+    python -m lora_server.engine.bench --quick            # smaller, for a smoke run
+    python -m lora_server.engine.bench --device cuda --hidden 4096 --layers 8
 
 Workloads (every request: a random prompt, a fixed number of new tokens, no EOS so all run to length):
     base only       no adapter
@@ -34,13 +34,13 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from adapters_store import LORA_TARGET_MODULES, AdapterStore, full_module_name
-from adapters_store.bench import make_upload
-from kernels.bench import make_timer, measure_peak_bandwidth
-from server.engine.build import EngineOptions, base_description, open_engine
-from server.engine.request import EngineRequest
-from server.engine.sampler import SamplingParams
-from server.model.config import ModelConfig, lora_target_shapes
+from lora_server.adapters_store import LORA_TARGET_MODULES, AdapterStore, full_module_name
+from lora_server.adapters_store.bench import make_upload
+from lora_server.engine.build import EngineOptions, base_description, open_engine
+from lora_server.engine.request import EngineRequest
+from lora_server.engine.sampler import SamplingParams
+from lora_server.kernels.bench import make_timer, measure_peak_bandwidth
+from lora_server.model.config import ModelConfig, lora_target_shapes
 
 
 def write_checkpoint(out: Path, hidden: int, layers: int, vocab: int, max_len: int) -> None:
@@ -261,7 +261,7 @@ def peer_rows(engine, model_dir: Path, adapter_dirs: dict[str, Path], args, rng:
     """Ours against HF transformers + PEFT (mixed-batch `adapter_names`, static batches of 16) on the same requests:
     the power-law workload with equal lengths, and with S-LoRA's varied lengths."""
     try:
-        from server.engine.bench_peer import PeerRequest, peft_tokens_per_second
+        from lora_server.engine.bench_peer import PeerRequest, peft_tokens_per_second
     except ImportError:
         print("(transformers + PEFT comparison skipped: install the test extra)")
         return

@@ -12,21 +12,21 @@ from pathlib import Path
 
 import torch
 
-from adapters_store import AdapterStore, BaseModelDescription
-from kernels.lora_ops import resolve_lora_backend
-from server.engine.adapters.catalog import AdapterCatalog
-from server.engine.adapters.residency import Residency, ResidencyConfig
-from server.engine.adapters.slot_writer import SlotWriter
-from server.engine.engine import Engine
-from server.engine.merging.control import MERGE_MODES, MergeControl
-from server.engine.merging.policy import MergePolicyConfig
-from server.engine.model_runner import ModelRunner
-from server.engine.scheduling.scheduler import SchedulerConfig
-from server.model.attention import PagedKVCache
-from server.model.config import ModelConfig, lora_target_shapes
-from server.model.llama import LlamaModel
-from server.model.loader import load_model, read_config, resolve_device, resolve_dtype
-from server.model.tokenizer import Tokenizer, load_tokenizer
+from lora_server.adapters_store import AdapterStore, BaseModelDescription
+from lora_server.engine.adapters.catalog import AdapterCatalog
+from lora_server.engine.adapters.residency import Residency, ResidencyConfig
+from lora_server.engine.adapters.slot_writer import SlotWriter
+from lora_server.engine.engine import Engine
+from lora_server.engine.merging.control import MERGE_MODES, MergeControl
+from lora_server.engine.merging.policy import MergePolicyConfig
+from lora_server.engine.model_runner import ModelRunner
+from lora_server.engine.scheduling.scheduler import SchedulerConfig
+from lora_server.kernels.lora_ops import resolve_lora_backend
+from lora_server.model.attention import PagedKVCache
+from lora_server.model.config import ModelConfig, lora_target_shapes
+from lora_server.model.llama import LlamaModel
+from lora_server.model.loader import load_model, read_config, resolve_device, resolve_dtype
+from lora_server.model.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def open_engine(model_dir: Path, store: AdapterStore | None, options: EngineOpti
     model = load_model(model_dir, device, resolve_dtype(options.dtype, device, config.checkpoint_dtype))
     model.set_lora_backend(resolve_lora_backend(options.lora_backend, device))
     if options.quantize == "nf4":
-        from server.model.nf4 import quantize_nf4_  # bitsandbytes is imported only when asked for
+        from lora_server.model.nf4 import quantize_nf4_  # bitsandbytes is imported only when asked for
 
         dense, nf4 = quantize_nf4_(model)
         logger.info("NF4: decoder linear weights %.2f MB -> %.2f MB", dense / 1e6, nf4 / 1e6)

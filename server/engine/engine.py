@@ -22,13 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from adapters_store import AdapterNotFound
-from server.engine.adapters.catalog import AdapterCatalog
-from server.engine.adapters.keys import PinnedAdapter
-from server.engine.adapters.residency import Residency, ResidencyCounters
-from server.engine.merging.control import MergeControl, MergeStats
-from server.engine.model_runner import ModelRunner, SampledToken, StepResult
-from server.engine.request import (
+from lora_server.adapters_store import AdapterNotFound
+from lora_server.engine.adapters.catalog import AdapterCatalog
+from lora_server.engine.adapters.keys import PinnedAdapter
+from lora_server.engine.adapters.residency import Residency, ResidencyCounters
+from lora_server.engine.merging.control import MergeControl, MergeStats
+from lora_server.engine.model_runner import ModelRunner, SampledToken, StepResult
+from lora_server.engine.request import (
     EngineRequest,
     PreparedRequest,
     RequestDelta,
@@ -37,11 +37,11 @@ from server.engine.request import (
     check_request,
     error_type_of,
 )
-from server.engine.sampler import make_generator
-from server.engine.scheduling.batch import ScheduledBatch
-from server.engine.scheduling.scheduler import Scheduler, SchedulerConfig
-from server.engine.scheduling.sequence import Sequence
-from server.engine.text_output import IncrementalText
+from lora_server.engine.sampler import make_generator
+from lora_server.engine.scheduling.batch import ScheduledBatch
+from lora_server.engine.scheduling.scheduler import Scheduler, SchedulerConfig
+from lora_server.engine.scheduling.sequence import Sequence
+from lora_server.engine.text_output import IncrementalText
 
 logger = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.request import MAX_LOGPROBS, TokenLogprob
-from server.engine.sampler import SamplingParams, sample_rows
-from server.engine.scheduling.batch import ScheduledBatch
-from server.engine.scheduling.sequence import Sequence
-from server.model.attention import PagedKVCache, PagedSequenceChunk
-from server.model.llama import LlamaModel
-from server.model.lora_linear import LoraBatches
+from lora_server.engine.request import MAX_LOGPROBS, TokenLogprob
+from lora_server.engine.sampler import SamplingParams, sample_rows
+from lora_server.engine.scheduling.batch import ScheduledBatch
+from lora_server.engine.scheduling.sequence import Sequence
+from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
+from lora_server.model.attention import PagedKVCache, PagedSequenceChunk
+from lora_server.model.llama import LlamaModel
+from lora_server.model.lora_linear import LoraBatches
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
-from adapters_store import AdapterNotFound, AdapterUnusable
-from server.engine.adapters.keys import AdapterLoadError, PinnedAdapter
-from server.engine.sampler import SamplingParams
-from server.engine.scheduling.sequence import FinishReason
+from lora_server.adapters_store import AdapterNotFound, AdapterUnusable
+from lora_server.engine.adapters.keys import AdapterLoadError, PinnedAdapter
+from lora_server.engine.sampler import SamplingParams
+from lora_server.engine.scheduling.sequence import FinishReason
 
 MAX_LOGPROBS = 20  # alternatives reported per token; OpenAI's own cap
 MAX_STOP_STRINGS = 16

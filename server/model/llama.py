@@ -10,10 +10,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from server.model.attention import AttentionBackend
-from server.model.config import PACKED_MODULES, ModelConfig
-from server.model.lora_linear import LoraBatches, LoraLinear, SliceWeights
-from server.model.rope import RotaryEmbedding
+from lora_server.model.attention import AttentionBackend
+from lora_server.model.config import PACKED_MODULES, ModelConfig
+from lora_server.model.lora_linear import LoraBatches, LoraLinear, SliceWeights
+from lora_server.model.rope import RotaryEmbedding
 
 # PACKED_MODULES (each Hugging Face / PEFT module name -> our packed projection and slice) is defined beside the
 # shapes it implies, in server.model.config; importers of this module find it here too.

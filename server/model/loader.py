@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from server.model.config import ModelConfig, ModelConfigError
-from server.model.llama import PACKED_MODULES, LlamaModel
+from lora_server.model.config import ModelConfig, ModelConfigError
+from lora_server.model.llama import PACKED_MODULES, LlamaModel
 
 logger = logging.getLogger(__name__)
 

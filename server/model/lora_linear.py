@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.lora_batch import LoraBatch
-from kernels.lora_ops import apply_lora
-from kernels.lora_weights import LoraWeights
+from lora_server.kernels.lora_batch import LoraBatch
+from lora_server.kernels.lora_ops import apply_lora
+from lora_server.kernels.lora_weights import LoraWeights
 
 # One slice's adapter weights: (A [rank, in], B [out_k, rank], scale), or None where the adapter skips the slice.
 SliceWeights = tuple[torch.Tensor, torch.Tensor, float] | None

@@ -27,8 +27,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.model.lora_linear import DenseBase, LoraLinear, SliceWeights
+from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
+from lora_server.model.lora_linear import DenseBase, LoraLinear, SliceWeights
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import bitsandbytes.functional as bnb_functional
 import torch
 from torch import nn
 
-from server.model.lora_linear import DenseBase, LoraLinear
+from lora_server.model.lora_linear import DenseBase, LoraLinear
 
 NF4_BLOCK_SIZE = 64
 

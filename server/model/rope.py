@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from server.model.config import RopeConfig
+from lora_server.model.config import RopeConfig
 
 
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:

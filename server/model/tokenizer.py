@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from server.model.config import ModelConfigError
+from lora_server.model.config import ModelConfigError
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.demo import tasks
-from server.demo.paths import demo_adapter_dirs
+from lora_server.demo import tasks
+from lora_server.demo.paths import demo_adapter_dirs
 
 HELLO = "hello world"
 LONG_PROMPT = "a"  # the demo base continues it with "aaaa..." to the length limit: a request that runs long

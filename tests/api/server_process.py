@@ -1,4 +1,4 @@
-"""A real server in a subprocess (`python -m server.api.serve`), on a free port, with its log kept for failures."""
+"""A real server in a subprocess (`python -m lora_server.api.serve`), on a free port, with its log kept for failures."""
 
 import os
 import signal
@@ -27,11 +27,11 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = work_dir / "server.log"
         self.store_dir = work_dir / "store"
-        command = [sys.executable, "-m", "server.api.serve", "--port", str(self.port), "--store", str(self.store_dir),
-                   "--no-access-log", *args]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        command = [sys.executable, "-m", "lora_server.api.serve", "--port", str(self.port),
+                   "--store", str(self.store_dir), "--no-access-log", *args]
+        env = dict(os.environ)  # the installed package: lora_server, whatever the working directory
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, cwd=work_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> "ServerProcess":
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -9,7 +9,7 @@ import random
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from server.api.chat_template import ChatTemplate, ChatTemplateError, Message
+from lora_server.api.chat_template import ChatTemplate, ChatTemplateError, Message
 
 LLAMA_3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from server.api.generation import ClientDisconnected, until_disconnected
+from lora_server.api.generation import ClientDisconnected, until_disconnected
 from tests.api.conftest import SMALL_MAX_PENDING
 from tests.api.helpers import LONG_MAX_NEW_TOKENS, LONG_PROMPT, metrics, value, wait_for
 

@@ -8,9 +8,9 @@ import random
 import httpx
 import pytest
 
-from adapters_store.upload import ROUTE_WORDS
-from server.api.app import create_app
-from server.api.config import ApiConfig
+from lora_server.adapters_store.upload import ROUTE_WORDS
+from lora_server.api.app import create_app
+from lora_server.api.config import ApiConfig
 from tests.api.conftest import SMALL_MAX_PENDING
 from tests.api.helpers import (
     LONG_MAX_NEW_TOKENS,

@@ -5,9 +5,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from server.demo import tasks
-from server.demo.paths import DEMO_MODEL_DIR
-from server.model.tokenizer import load_tokenizer
+from lora_server.demo import tasks
+from lora_server.demo.paths import DEMO_MODEL_DIR
+from lora_server.model.tokenizer import load_tokenizer
 from tests.api.helpers import HELLO, error_of, expected, generate, sse_data
 
 

@@ -1,7 +1,7 @@
 """/health: green while the engine loop makes progress, red when it has not for `health_stall_s` (a hung step); and
 the probes of a real server."""
 
-from server.api.routes_ops import health_of
+from lora_server.api.routes_ops import health_of
 
 
 class FakeEngine:

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from server.api.config import ApiConfig
-from server.api.state import Served, ServerState
+from lora_server.api.config import ApiConfig
+from lora_server.api.state import Served, ServerState
 from tests.api.server_process import ROOT, STARTUP_TIMEOUT_S, ServerProcess, free_port
 
 
@@ -45,9 +45,9 @@ def test_a_drain_with_nothing_in_flight_is_immediate():
 
 
 def test_a_second_server_on_an_open_store_exits_1_saying_why(server):
-    done = subprocess.run([sys.executable, "-m", "server.api.serve", "--port", str(free_port()), "--store",
+    done = subprocess.run([sys.executable, "-m", "lora_server.api.serve", "--port", str(free_port()), "--store",
                            str(server.store_dir)], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env=dict(os.environ))
     assert done.returncode == 1
     assert f"adapter store {server.store_dir} is already open" in done.stderr
     assert "Traceback" not in done.stderr

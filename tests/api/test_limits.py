@@ -9,11 +9,11 @@ from pathlib import Path
 import openai
 import pytest
 
-from adapters_store import StoreLimits
-from server.api.loading import ServeTarget
-from server.api.serve import add_serve_arguments
-from server.demo import tasks
-from server.engine.build import EngineOptions
+from lora_server.adapters_store import StoreLimits
+from lora_server.api.loading import ServeTarget
+from lora_server.api.serve import add_serve_arguments
+from lora_server.demo import tasks
+from lora_server.engine.build import EngineOptions
 from tests.api.conftest import (
     ACME_ADMIN,
     MAX_BODY_BYTES,

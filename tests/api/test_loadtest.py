@@ -10,7 +10,8 @@ from tests.api.server_process import ROOT
 
 def test_loadtest_streams_every_request_and_reports_latencies(server):
     for route in ("generate", "completions"):
-        done = subprocess.run([sys.executable, "-m", "loadtest", "--url", server.url, "--api-key", ACME_USER,
+        done = subprocess.run([sys.executable, "-m", "lora_server.loadtest", "--url", server.url,
+                               "--api-key", ACME_USER,
                                "--route", route, "--requests", "10", "--concurrency", "4", "--max-new-tokens", "8",
                                "--adapters", "base,upper,rot13", "--json"],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)

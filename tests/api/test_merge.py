@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from server.api.serve import add_serve_arguments, engine_options
+from lora_server.api.serve import add_serve_arguments, engine_options
 from tests.api.conftest import ACME_ADMIN, ACME_USER, GLOBEX_ADMIN, client_for
 from tests.api.helpers import HELLO, error_of, expected, generate, metrics, upload, value, wait_for
 

@@ -4,7 +4,7 @@ import re
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.demo import tasks
+from lora_server.demo import tasks
 from tests.api.helpers import error_of, generate, metrics, sse_data, upload, value
 from tests.api.server_process import ROOT
 

@@ -3,8 +3,8 @@ and `serve` refuses uploads over its --max-lora-rank."""
 
 import pytest
 
-from server.api import serve
-from server.cli import build_parser
+from lora_server.api import serve
+from lora_server.cli import build_parser
 from tests.api.helpers import error_of, generate
 
 

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from server.demo import tasks
+from lora_server.demo import tasks
 from tests.api.conftest import ACME_ADMIN
 from tests.api.helpers import HELLO, error_of, expected
 

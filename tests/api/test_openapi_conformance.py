@@ -17,9 +17,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
-from server.api.app import create_app
-from server.api.auth import ApiKeys, Principal
-from server.api.config import ApiConfig
+from lora_server.api.app import create_app
+from lora_server.api.auth import ApiKeys, Principal
+from lora_server.api.config import ApiConfig
 from tests.api.conftest import ACME_ADMIN, KEYS
 from tests.api.helpers import error_of
 from tests.api.server_process import ServerProcess

@@ -5,17 +5,17 @@ import json
 
 import pytest
 
-from adapters_store import AdapterError, AdapterNotFound, AdapterUnusable
-from server.api.adapter_traffic import AdapterTraffic
-from server.api.auth import ApiKeys, ApiKeysError, Principal
-from server.api.chat_template import ChatTemplate, ChatTemplateError, Message
-from server.api.config import ApiConfig
-from server.api.errors import ApiError, api_error_from, error_body
-from server.api.serve import add_serve_parser, byte_size
-from server.api.sse import parse_sse, sse_event
-from server.demo.paths import DEMO_MODEL_DIR
-from server.engine.request import EngineStoppedError, QueueFullError, RequestError
-from server.engine.sampler import SamplingError
+from lora_server.adapters_store import AdapterError, AdapterNotFound, AdapterUnusable
+from lora_server.api.adapter_traffic import AdapterTraffic
+from lora_server.api.auth import ApiKeys, ApiKeysError, Principal
+from lora_server.api.chat_template import ChatTemplate, ChatTemplateError, Message
+from lora_server.api.config import ApiConfig
+from lora_server.api.errors import ApiError, api_error_from, error_body
+from lora_server.api.serve import add_serve_parser, byte_size
+from lora_server.api.sse import parse_sse, sse_event
+from lora_server.demo.paths import DEMO_MODEL_DIR
+from lora_server.engine.request import EngineStoppedError, QueueFullError, RequestError
+from lora_server.engine.sampler import SamplingError
 
 # ---------------------------------------------------------------- keys
 
@@ -153,8 +153,8 @@ def test_the_serve_parser_plugs_into_a_subcommand_parser():
 @pytest.mark.parametrize("error_type, status", [("adapter_not_found", 404), ("adapter_unusable", 409),
                                                 ("adapter_load_failed", 422), ("server_error", 500), (None, 500)])
 def test_an_error_delta_becomes_the_matching_http_error(error_type, status):
-    from server.api.generation import error_of
-    from server.engine.request import RequestDelta
+    from lora_server.api.generation import error_of
+    from lora_server.engine.request import RequestDelta
 
     delta = RequestDelta("r", [], "", None, finish_reason="error", error="why", error_type=error_type)
     assert error_of(delta).status == status and "why" in error_of(delta).message

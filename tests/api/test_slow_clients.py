@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from server.api.config import ApiConfig
-from server.api.middleware import AccountingMiddleware, BodyCut, BodyTimeout
-from server.api.state import ServerState
+from lora_server.api.config import ApiConfig
+from lora_server.api.middleware import AccountingMiddleware, BodyCut, BodyTimeout
+from lora_server.api.state import ServerState
 from tests.api.raw_http import half_body_request, parse_response, read_response, read_until_closed
 from tests.api.server_process import ServerProcess
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.demo import tasks
+from lora_server.demo import tasks
 from tests.api.conftest import ACME_ADMIN, GLOBEX_ADMIN, KEYS
 from tests.api.helpers import HELLO, expected, generate, metrics, put_version, sse_data, upload, value, wait_for
 from tests.api.server_process import ServerProcess

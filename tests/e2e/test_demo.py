@@ -8,16 +8,16 @@ import torch
 import transformers
 from peft import PeftModel
 
-from adapters_store import load_peft_adapter
-from kernels.lora_batch import LoraBatch
-from server.cli import main
-from server.demo import tasks
-from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
-from server.engine.build import describe_base_model
-from server.engine.sampler import SamplingParams
-from server.model.attention import ContiguousKVCache, SequenceChunk
-from server.model.loader import load_model
-from server.model.tokenizer import load_tokenizer
+from lora_server.adapters_store import load_peft_adapter
+from lora_server.cli import main
+from lora_server.demo import tasks
+from lora_server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
+from lora_server.engine.build import describe_base_model
+from lora_server.engine.sampler import SamplingParams
+from lora_server.kernels.lora_batch import LoraBatch
+from lora_server.model.attention import ContiguousKVCache, SequenceChunk
+from lora_server.model.loader import load_model
+from lora_server.model.tokenizer import load_tokenizer
 from tests.engine.offline_reference import GenerationRequest, generate, load_adapters_into_slots
 from tests.reference import assert_close_relative
 

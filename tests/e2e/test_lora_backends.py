@@ -3,8 +3,8 @@ generate the same greedy tokens on the demo, with every adapter and the base mix
 
 import json
 
-from server.cli import main
-from server.demo import tasks
+from lora_server.cli import main
+from lora_server.demo import tasks
 
 
 def test_triton_and_torch_backends_generate_the_same_tokens(tmp_path, capsys):

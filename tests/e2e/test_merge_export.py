@@ -11,12 +11,12 @@ import transformers
 from peft import PeftModel
 from safetensors import safe_open
 
-from server.demo import tasks
-from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
-from server.export import ExportError, add_merge_parser, run_merge
-from server.model.llama import PACKED_MODULES
-from server.model.loader import load_model
-from server.model.nf4 import quantize_nf4_
+from lora_server.demo import tasks
+from lora_server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
+from lora_server.export import ExportError, add_merge_parser, run_merge
+from lora_server.model.llama import PACKED_MODULES
+from lora_server.model.loader import load_model
+from lora_server.model.nf4 import quantize_nf4_
 from tests.reference import add_random_lora, assert_close_relative, hf_logits, one_torch_thread, save_random_hf_model
 
 
@@ -69,7 +69,7 @@ def test_export_with_biases_in_bfloat16_and_shards(tmp_path):
     hf_model = save_random_hf_model(tmp_path / "base", "Qwen2ForCausalLM", tie_word_embeddings=False, seed=41)
     add_random_lora(copy.deepcopy(hf_model), tmp_path / "lora", seed=42, r=8, lora_alpha=16,
                     rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 4}, use_rslora=True)
-    from server.export import export_merged
+    from lora_server.export import export_merged
 
     export_merged(tmp_path / "base", tmp_path / "lora", tmp_path / "out", dtype="bfloat16", max_shard_bytes=100_000)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from adapters_store import AdapterStore
-from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
-from server.engine.build import EngineOptions, LoadedEngine, base_description, open_engine
+from lora_server.adapters_store import AdapterStore
+from lora_server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
+from lora_server.engine.build import EngineOptions, LoadedEngine, base_description, open_engine
 from tests.reference import TINY_DIMS, add_random_lora, save_random_hf_model
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

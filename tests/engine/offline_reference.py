@@ -12,10 +12,10 @@ from typing import Protocol
 
 import torch
 
-from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.sampler import SamplingParams, make_generator, sample_rows
-from server.model.attention import ContiguousKVCache, SequenceChunk
-from server.model.llama import LlamaModel
+from lora_server.engine.sampler import SamplingParams, make_generator, sample_rows
+from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
+from lora_server.model.attention import ContiguousKVCache, SequenceChunk
+from lora_server.model.llama import LlamaModel
 
 LORA_ROW_PAGE = 8  # an adapter's rows are rounded up to this, so freed ranges can be reused by other ranks
 

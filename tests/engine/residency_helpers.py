@@ -5,11 +5,11 @@ from collections import Counter
 
 import torch
 
-from adapters_store import LoraAdapter, LoraModuleWeights
-from server.engine.adapters.keys import AdapterKey
-from server.engine.build import describe_base_model
-from server.model.config import ModelConfig
-from server.model.llama import PACKED_MODULES, LlamaModel
+from lora_server.adapters_store import LoraAdapter, LoraModuleWeights
+from lora_server.engine.adapters.keys import AdapterKey
+from lora_server.engine.build import describe_base_model
+from lora_server.model.config import ModelConfig
+from lora_server.model.llama import PACKED_MODULES, LlamaModel
 
 TINY = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5)

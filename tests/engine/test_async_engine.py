@@ -5,11 +5,11 @@ import asyncio
 
 import pytest
 
-from adapters_store import AdapterNotFound
-from server.demo import tasks
-from server.engine.async_engine import AsyncEngine
-from server.engine.request import EngineRequest, EngineStoppedError, QueueFullError, RequestError
-from server.engine.sampler import SamplingParams
+from lora_server.adapters_store import AdapterNotFound
+from lora_server.demo import tasks
+from lora_server.engine.async_engine import AsyncEngine
+from lora_server.engine.request import EngineRequest, EngineStoppedError, QueueFullError, RequestError
+from lora_server.engine.sampler import SamplingParams
 from tests.engine.engine_helpers import open_demo_engine
 
 

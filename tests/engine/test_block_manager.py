@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.scheduling.block_manager import BlockManager
-from server.engine.scheduling.sequence import Sequence
+from lora_server.engine.scheduling.block_manager import BlockManager
+from lora_server.engine.scheduling.sequence import Sequence
 
 
 def make_seq(seq_id: int, num_prompt: int = 1) -> Sequence:

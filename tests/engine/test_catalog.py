@@ -7,11 +7,11 @@ import json
 import pytest
 from safetensors.torch import save as save_safetensors
 
-from adapters_store import AdapterStore, full_module_name
-from server.engine.adapters.catalog import AdapterCatalog
-from server.engine.adapters.keys import AdapterKey, AdapterLoadError
-from server.engine.adapters.residency import Residency, ResidencyConfig
-from server.engine.build import describe_base_model
+from lora_server.adapters_store import AdapterStore, full_module_name
+from lora_server.engine.adapters.catalog import AdapterCatalog
+from lora_server.engine.adapters.keys import AdapterKey, AdapterLoadError
+from lora_server.engine.adapters.residency import Residency, ResidencyConfig
+from lora_server.engine.build import describe_base_model
 from tests.engine.residency_helpers import TINY, page_budget, random_adapter, slot_matches, tiny_model
 
 

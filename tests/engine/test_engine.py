@@ -12,11 +12,11 @@ import torch
 import transformers
 from peft import PeftModel
 
-from adapters_store import AdapterNotFound, load_peft_adapter
-from server.demo import tasks
-from server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
-from server.engine.request import EngineRequest, RequestError
-from server.engine.sampler import SamplingParams
+from lora_server.adapters_store import AdapterNotFound, load_peft_adapter
+from lora_server.demo import tasks
+from lora_server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
+from lora_server.engine.request import EngineRequest, RequestError
+from lora_server.engine.sampler import SamplingParams
 from tests.engine.engine_helpers import (
     RANDOM_ADAPTERS,
     open_demo_engine,

@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-from server.demo import tasks
-from server.engine.adapters.keys import AdapterKey
-from server.engine.async_engine import AsyncEngine
-from server.engine.merging.control import MergeRefused
-from server.engine.request import EngineRequest
-from server.engine.sampler import SamplingParams
+from lora_server.demo import tasks
+from lora_server.engine.adapters.keys import AdapterKey
+from lora_server.engine.async_engine import AsyncEngine
+from lora_server.engine.merging.control import MergeRefused
+from lora_server.engine.request import EngineRequest
+from lora_server.engine.sampler import SamplingParams
 from tests.engine.engine_helpers import RANDOM_ADAPTERS, open_demo_engine, open_random_engine, write_random_checkpoint
 
 

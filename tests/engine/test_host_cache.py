@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.adapters.host_cache import HostCache
+from lora_server.engine.adapters.host_cache import HostCache
 
 
 @dataclass(frozen=True)

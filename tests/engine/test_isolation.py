@@ -12,12 +12,12 @@ import random
 import pytest
 import torch
 
-from server.demo import tasks
-from server.demo.paths import demo_adapter_dirs
-from server.engine import sampler
-from server.engine.engine import Completion
-from server.engine.request import EngineRequest
-from server.engine.sampler import SamplingParams
+from lora_server.demo import tasks
+from lora_server.demo.paths import demo_adapter_dirs
+from lora_server.engine import sampler
+from lora_server.engine.engine import Completion
+from lora_server.engine.request import EngineRequest
+from lora_server.engine.sampler import SamplingParams
 from tests.engine.engine_helpers import ADAPTER_FILES, open_demo_engine, put_adapter_dir
 from tests.reference import one_torch_thread
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from server.engine.merging.policy import AutoMergePolicy, MergePolicyConfig
+from lora_server.engine.merging.policy import AutoMergePolicy, MergePolicyConfig
 
 CONFIG = MergePolicyConfig(window_steps=20, merge_share=0.9, unmerge_share=0.6, min_steps_between_switches=40)
 

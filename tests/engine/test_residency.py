@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from adapters_store import AdapterError, LoraAdapter, LoraModuleWeights
-from server.engine.adapters.keys import AdapterKey, AdapterLoadError
-from server.engine.adapters.residency import Residency, ResidencyConfig
+from lora_server.adapters_store import AdapterError, LoraAdapter, LoraModuleWeights
+from lora_server.engine.adapters.keys import AdapterKey, AdapterLoadError
+from lora_server.engine.adapters.residency import Residency, ResidencyConfig
 from tests.engine.residency_helpers import (
     FakeSource,
     page_budget,

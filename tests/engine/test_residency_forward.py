@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.adapters.keys import AdapterKey, AdapterLoadError
-from server.engine.adapters.residency import Residency, ResidencyConfig
-from server.model.attention import ContiguousKVCache, SequenceChunk
-from server.model.llama import LlamaModel
+from lora_server.engine.adapters.keys import AdapterKey, AdapterLoadError
+from lora_server.engine.adapters.residency import Residency, ResidencyConfig
+from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
+from lora_server.model.attention import ContiguousKVCache, SequenceChunk
+from lora_server.model.llama import LlamaModel
 from tests.engine.offline_reference import load_adapters_into_slots
 from tests.engine.residency_helpers import TINY, FakeSource, page_budget, random_adapter, tiny_model
 

@@ -5,8 +5,8 @@ import random
 import threading
 import time
 
-from server.engine.adapters.keys import AdapterKey
-from server.engine.adapters.residency import Residency, ResidencyConfig
+from lora_server.engine.adapters.keys import AdapterKey
+from lora_server.engine.adapters.residency import Residency, ResidencyConfig
 from tests.engine.residency_helpers import FakeSource, page_budget, random_adapter, slot_matches, tiny_model
 
 WAIT_S = 10

@@ -6,9 +6,9 @@ from functools import cache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.adapters.keys import AdapterKey
-from server.engine.adapters.residency import Residency, ResidencyConfig
-from server.model.llama import LlamaModel
+from lora_server.engine.adapters.keys import AdapterKey
+from lora_server.engine.adapters.residency import Residency, ResidencyConfig
+from lora_server.model.llama import LlamaModel
 from tests.engine.residency_helpers import (
     FakeSource,
     page_budget,

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.adapters.row_allocator import RowAllocator
+from lora_server.engine.adapters.row_allocator import RowAllocator
 
 
 def test_rounds_up_to_pages_and_reuses_freed_rows():

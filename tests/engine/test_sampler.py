@@ -7,7 +7,14 @@ import os
 import pytest
 import torch
 
-from server.engine.sampler import MAX_SEED, MIN_TEMPERATURE, SamplingError, SamplingParams, make_generator, sample_rows
+from lora_server.engine.sampler import (
+    MAX_SEED,
+    MIN_TEMPERATURE,
+    SamplingError,
+    SamplingParams,
+    make_generator,
+    sample_rows,
+)
 from tests.engine.offline_reference import sample
 
 

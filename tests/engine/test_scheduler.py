@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.adapters.keys import AdapterKey, PinnedAdapter
-from server.engine.scheduling.batch import ScheduledBatch
-from server.engine.scheduling.block_manager import BlockManager
-from server.engine.scheduling.scheduler import Scheduler, SchedulerConfig
-from server.engine.scheduling.sequence import Sequence, SequenceStatus
+from lora_server.engine.adapters.keys import AdapterKey, PinnedAdapter
+from lora_server.engine.scheduling.batch import ScheduledBatch
+from lora_server.engine.scheduling.block_manager import BlockManager
+from lora_server.engine.scheduling.scheduler import Scheduler, SchedulerConfig
+from lora_server.engine.scheduling.sequence import Sequence, SequenceStatus
 
 VOCAB = 50
 

@@ -13,9 +13,9 @@ from itertools import pairwise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.scheduling.batch import ScheduledBatch
-from server.engine.scheduling.scheduler import Scheduler, SchedulerConfig
-from server.engine.scheduling.sequence import Sequence, SequenceStatus
+from lora_server.engine.scheduling.batch import ScheduledBatch
+from lora_server.engine.scheduling.scheduler import Scheduler, SchedulerConfig
+from lora_server.engine.scheduling.sequence import Sequence, SequenceStatus
 from tests.engine.test_scheduler import (
     VOCAB,
     FakeModel,

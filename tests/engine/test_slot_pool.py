@@ -4,7 +4,7 @@ and a placement is refused only when not even evicting every unheld adapter woul
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.adapters.slot_pool import SlotPool
+from lora_server.engine.adapters.slot_pool import SlotPool
 
 
 def test_evicts_least_recently_used_unheld_and_reuses_its_rows():

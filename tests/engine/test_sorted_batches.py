@@ -13,13 +13,13 @@ import random
 import pytest
 import torch
 
-from kernels import lora_batch
-from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.adapters.keys import AdapterKey
-from server.engine.adapters.residency import Residency, ResidencyConfig
-from server.engine.request import EngineRequest
-from server.engine.sampler import SamplingParams
-from server.model.attention import ContiguousKVCache, SequenceChunk
+from lora_server.engine.adapters.keys import AdapterKey
+from lora_server.engine.adapters.residency import Residency, ResidencyConfig
+from lora_server.engine.request import EngineRequest
+from lora_server.engine.sampler import SamplingParams
+from lora_server.kernels import lora_batch
+from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
+from lora_server.model.attention import ContiguousKVCache, SequenceChunk
 from tests.engine.engine_helpers import RANDOM_ADAPTERS, open_random_engine, write_random_checkpoint
 from tests.engine.residency_helpers import TINY, FakeSource, page_budget, random_adapter, tiny_model
 

@@ -12,8 +12,8 @@ import triton
 def kernel_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
-    from kernels.lora_expand import _lora_expand_kernel
-    from kernels.lora_shrink import _lora_shrink_kernel
+    from lora_server.kernels.lora_expand import _lora_expand_kernel
+    from lora_server.kernels.lora_shrink import _lora_shrink_kernel
 
     # tl.zeros is one of triton's own jit functions, built when triton was imported.
     for jitted in (triton.language.zeros, _lora_shrink_kernel, _lora_expand_kernel):

@@ -11,8 +11,8 @@ from itertools import accumulate
 import torch
 from hypothesis import strategies as st
 
-from kernels.lora_batch import NO_SLOT, LoraBatch
-from kernels.lora_weights import LoraWeights
+from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
+from lora_server.kernels.lora_weights import LoraWeights
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Errors are bounded relative to the sum of |terms| (see `assert_close_to_reference`). y is an fp32 sum of exact

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.lora_batch import NO_SLOT, LoraBatch, LoraSegment
+from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch, LoraSegment
 
 token_slot_lists = st.lists(st.sampled_from([NO_SLOT, 0, 1, 2, 3, 7]), max_size=40)
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from kernels.lora_batch import NO_SLOT, LoraBatch
-from kernels.lora_expand import lora_expand_triton
-from kernels.lora_gather import lora_gathered_torch
-from kernels.lora_shrink import block_m_for, lora_shrink_triton
-from kernels.lora_torch import lora_runs_torch
+from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
+from lora_server.kernels.lora_expand import lora_expand_triton
+from lora_server.kernels.lora_gather import lora_gathered_torch
+from lora_server.kernels.lora_shrink import block_m_for, lora_shrink_triton
+from lora_server.kernels.lora_torch import lora_runs_torch
 from tests.kernels.lora_cases import (
     DTYPES,
     TOLERANCE,

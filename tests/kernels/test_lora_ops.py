@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kernels import lora_ops
-from kernels.lora_batch import NO_SLOT
-from kernels.lora_gather import lora_gathered_torch
-from kernels.lora_ops import GATHER_MAX_IN_FEATURES, GATHER_MIN_TOKENS, apply_lora, resolve_lora_backend
+from lora_server.kernels import lora_ops
+from lora_server.kernels.lora_batch import NO_SLOT
+from lora_server.kernels.lora_gather import lora_gathered_torch
+from lora_server.kernels.lora_ops import GATHER_MAX_IN_FEATURES, GATHER_MIN_TOKENS, apply_lora, resolve_lora_backend
 from tests.kernels.lora_cases import TOLERANCE, LoraCase, assert_close_to_reference, make_case, reference
 
 GQA = (40, 12, 12)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.lora_weights import LoraWeights, SliceTerm
+from lora_server.kernels.lora_weights import LoraWeights, SliceTerm
 
 OFFSETS = (0, 40, 52, 64)  # q, k, v
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 import transformers
 
-from adapters_store import load_peft_adapter
-from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.build import describe_base_model
-from server.engine.sampler import SamplingParams
-from server.model.attention import ContiguousKVCache, SequenceChunk
-from server.model.loader import load_model
+from lora_server.adapters_store import load_peft_adapter
+from lora_server.engine.build import describe_base_model
+from lora_server.engine.sampler import SamplingParams
+from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
+from lora_server.model.attention import ContiguousKVCache, SequenceChunk
+from lora_server.model.loader import load_model
 from tests.engine.offline_reference import GenerationRequest, generate, load_adapters_into_slots
 from tests.reference import add_random_lora, assert_close_relative, hf_logits, save_random_hf_model
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 import transformers
 
-from adapters_store import load_peft_adapter
-from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.build import describe_base_model
-from server.model.attention import ContiguousKVCache, SequenceChunk
-from server.model.llama import LlamaModel
-from server.model.loader import load_model
-from server.model.lora_linear import DenseBase, LoraLinear
-from server.model.merge import (
+from lora_server.adapters_store import load_peft_adapter
+from lora_server.engine.build import describe_base_model
+from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
+from lora_server.model.attention import ContiguousKVCache, SequenceChunk
+from lora_server.model.llama import LlamaModel
+from lora_server.model.loader import load_model
+from lora_server.model.lora_linear import DenseBase, LoraLinear
+from lora_server.model.merge import (
     MergeBudgetError,
     merge_device_bytes,
     merge_slot_,
@@ -55,7 +55,7 @@ def loaded_model(root, dtype: torch.dtype = torch.float32, nf4: bool = False) ->
     """A fresh model with every adapter in its own slot (name -> slot)."""
     model = load_model(root / "base", torch.device("cpu"), dtype)
     if nf4:
-        from server.model.nf4 import quantize_nf4_
+        from lora_server.model.nf4 import quantize_nf4_
 
         quantize_nf4_(model)
     base = describe_base_model(model.config)

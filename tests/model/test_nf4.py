@@ -3,12 +3,12 @@
 import torch
 import transformers
 
-from adapters_store import load_peft_adapter
-from kernels.lora_batch import NO_SLOT, LoraBatch
-from server.engine.build import describe_base_model
-from server.model.attention import ContiguousKVCache, SequenceChunk
-from server.model.loader import load_model
-from server.model.nf4 import Nf4Base, quantize_nf4_
+from lora_server.adapters_store import load_peft_adapter
+from lora_server.engine.build import describe_base_model
+from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
+from lora_server.model.attention import ContiguousKVCache, SequenceChunk
+from lora_server.model.loader import load_model
+from lora_server.model.nf4 import Nf4Base, quantize_nf4_
 from tests.engine.offline_reference import load_adapters_into_slots
 from tests.model.test_vs_transformers import our_logits
 from tests.reference import add_random_lora, assert_close_relative, save_random_hf_model

@@ -5,8 +5,8 @@ import random
 
 import torch
 
-from server.model.attention import PagedKVCache, PagedSequenceChunk
-from server.model.loader import load_model
+from lora_server.model.attention import PagedKVCache, PagedSequenceChunk
+from lora_server.model.loader import load_model
 from tests.reference import assert_close_relative, hf_logits, save_random_hf_model
 
 BLOCK_SIZE = 4

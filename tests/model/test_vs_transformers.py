@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from server.model.attention import ContiguousKVCache, SequenceChunk
-from server.model.config import ModelConfigError
-from server.model.loader import load_model
+from lora_server.model.attention import ContiguousKVCache, SequenceChunk
+from lora_server.model.config import ModelConfigError
+from lora_server.model.loader import load_model
 from tests.reference import assert_close_relative, hf_logits, save_random_hf_model
 
 CASES = {

@@ -11,7 +11,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from adapters_store import ATTENTION_MODULES, LORA_TARGET_MODULES, BaseModelDescription, full_module_name
+from lora_server.adapters_store import ATTENTION_MODULES, LORA_TARGET_MODULES, BaseModelDescription, full_module_name
 from tests.reference import TINY_DIMS, add_random_lora
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"

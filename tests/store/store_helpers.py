@@ -7,7 +7,7 @@ from pathlib import Path
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from adapters_store import AdapterStore, BaseModelDescription
+from lora_server.adapters_store import AdapterStore, BaseModelDescription
 from tests.store.peft_helpers import CONFIG_FILE, WEIGHTS_FILE, describe, make_adapter, tiny_llama
 
 STORE_ONLY_FILES = ("registry.sqlite3", "registry.sqlite3-wal", "registry.sqlite3-shm", "lock")

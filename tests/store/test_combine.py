@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from adapters_store import AdapterError, AdapterStore, LoraAdapter, parse_peft_adapter
-from adapters_store.combine import combine_adapters
+from lora_server.adapters_store import AdapterError, AdapterStore, LoraAdapter, parse_peft_adapter
+from lora_server.adapters_store.combine import combine_adapters
 from tests.store.peft_helpers import (
     CONFIG_FILE,
     WEIGHTS_FILE,

@@ -4,7 +4,7 @@ named, and pickle checkpoints are refused without ever being opened."""
 import pytest
 import torch
 
-from adapters_store import AdapterError, load_peft_adapter
+from lora_server.adapters_store import AdapterError, load_peft_adapter
 from tests.store.peft_helpers import CONFIG_FILE, WEIGHTS_FILE, describe, make_adapter, tiny_llama
 
 # A pickle that runs code when unpickled; refusing it by name means it is never opened.

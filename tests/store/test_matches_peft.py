@@ -8,7 +8,7 @@ import torch
 from peft.tuners.lora.config import VeloraConfig
 from safetensors.torch import save as save_safetensors
 
-from adapters_store import LoraAdapter, load_peft_adapter, parse_peft_adapter
+from lora_server.adapters_store import LoraAdapter, load_peft_adapter, parse_peft_adapter
 from tests.store.peft_helpers import (
     CONFIG_FILE,
     WEIGHTS_FILE,

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from adapters_store import AdapterError, AdapterStore, StoreLimits, parse_peft_adapter
-from adapters_store.combine import MAX_FACTOR, MAX_SOURCE_WEIGHT, combine_adapters
-from adapters_store.peft_adapter import MAX_WEIGHT_MAGNITUDE
-from adapters_store.peft_targets import MAX_LORA_SCALE
+from lora_server.adapters_store import AdapterError, AdapterStore, StoreLimits, parse_peft_adapter
+from lora_server.adapters_store.combine import MAX_FACTOR, MAX_SOURCE_WEIGHT, combine_adapters
+from lora_server.adapters_store.peft_adapter import MAX_WEIGHT_MAGNITUDE
+from lora_server.adapters_store.peft_targets import MAX_LORA_SCALE
 from tests.store.peft_helpers import CONFIG_FILE, WEIGHTS_FILE
 from tests.store.store_helpers import peft_upload, variant
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig
 
-from adapters_store import AdapterError, parse_peft_adapter
+from lora_server.adapters_store import AdapterError, parse_peft_adapter
 from tests.store.peft_helpers import describe, make_adapter, read_adapter, serialize, tensor_key, tiny_llama
 
 RANK = 4

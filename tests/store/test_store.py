@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from adapters_store import (
+from lora_server.adapters_store import (
     DELETED,
     READY,
     UNUSABLE,

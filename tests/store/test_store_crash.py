@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters_store import READY, AdapterStore, BaseModelDescription
+from lora_server.adapters_store import READY, AdapterStore, BaseModelDescription
 from tests.store.store_helpers import blob_path, peft_upload, variant
 
 KILLS = 20

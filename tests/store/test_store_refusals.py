@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from adapters_store import AdapterError, AdapterStore, StoreLimits
+from lora_server.adapters_store import AdapterError, AdapterStore, StoreLimits
 from tests.reference import TINY_DIMS
 from tests.store.peft_helpers import CONFIG_FILE, WEIGHTS_FILE, make_adapter, tensor_key
 from tests.store.store_helpers import peft_upload, snapshot

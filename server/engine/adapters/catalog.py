@@ -2,8 +2,8 @@
 read: its version and max rank), and `read` for residency's loader thread (the files, parsed). The step loop calls
 neither: what it needs of a version travels with the request as a PinnedAdapter."""
 
-from adapters_store import AdapterStore, LoraAdapter
-from server.engine.adapters.keys import AdapterKey, PinnedAdapter
+from lora_server.adapters_store import AdapterStore, LoraAdapter
+from lora_server.engine.adapters.keys import AdapterKey, PinnedAdapter
 
 
 class AdapterCatalog:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # the adapter type only: importing adapters_store at run time would import torch
-    from adapters_store import LoraAdapter
+    from lora_server.adapters_store import LoraAdapter
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,12 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from adapters_store import LoraAdapter
-from server.engine.adapters.host_cache import HostCache
-from server.engine.adapters.keys import AdapterKey, AdapterLoadError, AdapterSource, PinnedAdapter
-from server.engine.adapters.slot_pool import Placement, SlotPool
-from server.engine.adapters.slot_writer import SlotWriter
-from server.model.llama import LlamaModel
+from lora_server.adapters_store import LoraAdapter
+from lora_server.engine.adapters.host_cache import HostCache
+from lora_server.engine.adapters.keys import AdapterKey, AdapterLoadError, AdapterSource, PinnedAdapter
+from lora_server.engine.adapters.slot_pool import Placement, SlotPool
+from lora_server.engine.adapters.slot_writer import SlotWriter
+from lora_server.model.llama import LlamaModel
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from server.engine.adapters.row_allocator import RowAllocator
+from lora_server.engine.adapters.row_allocator import RowAllocator
 
 K = TypeVar("K", bound=Hashable)
 

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 
 import torch
 
-from adapters_store import LoraAdapter, LoraModuleWeights
-from server.model.config import lora_target_shapes
-from server.model.llama import LlamaModel
+from lora_server.adapters_store import LoraAdapter, LoraModuleWeights
+from lora_server.model.config import lora_target_shapes
+from lora_server.model.llama import LlamaModel
 
 
 class SlotWriter:

@@ -18,14 +18,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
 
-from kernels.lora_batch import LoraBatch
-from server.engine.adapters.keys import AdapterKey
-from server.engine.adapters.residency import Residency
-from server.engine.merging.policy import AutoMergePolicy, MergePolicyConfig
-from server.engine.scheduling.batch import ScheduledBatch
-from server.model.llama import LlamaModel
-from server.model.lora_linear import LoraBatches
-from server.model.merge import MergedSlot, merge_slot_, merged_lora_batches, unmerge_
+from lora_server.engine.adapters.keys import AdapterKey
+from lora_server.engine.adapters.residency import Residency
+from lora_server.engine.merging.policy import AutoMergePolicy, MergePolicyConfig
+from lora_server.engine.scheduling.batch import ScheduledBatch
+from lora_server.kernels.lora_batch import LoraBatch
+from lora_server.model.llama import LlamaModel
+from lora_server.model.lora_linear import LoraBatches
+from lora_server.model.merge import MergedSlot, merge_slot_, merged_lora_batches, unmerge_
 
 logger = logging.getLogger(__name__)
 

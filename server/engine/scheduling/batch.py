@@ -5,7 +5,7 @@ Plain Python, like the scheduler: the model runner is the one module that turns 
 
 from dataclasses import dataclass
 
-from server.engine.scheduling.sequence import Sequence
+from lora_server.engine.scheduling.sequence import Sequence
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ returned whole when it finishes or is preempted (`free`). No prefix sharing: a b
 
 from collections import deque
 
-from server.engine.scheduling.sequence import Sequence
+from lora_server.engine.scheduling.sequence import Sequence
 
 
 class BlockManager:

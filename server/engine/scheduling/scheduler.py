@@ -55,10 +55,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.engine.adapters.keys import AdapterKey, PinnedAdapter
-from server.engine.scheduling.batch import ScheduledBatch, ScheduledChunk
-from server.engine.scheduling.block_manager import BlockManager
-from server.engine.scheduling.sequence import FinishReason, Sequence, SequenceStatus
+from lora_server.engine.adapters.keys import AdapterKey, PinnedAdapter
+from lora_server.engine.scheduling.batch import ScheduledBatch, ScheduledChunk
+from lora_server.engine.scheduling.block_manager import BlockManager
+from lora_server.engine.scheduling.sequence import FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)

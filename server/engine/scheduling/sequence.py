@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
-from server.engine.adapters.keys import AdapterKey, PinnedAdapter
+from lora_server.engine.adapters.keys import AdapterKey, PinnedAdapter
 
 FinishReason = Literal["stop", "length", "timeout", "abort", "error"]
 
