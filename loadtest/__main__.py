@@ -1,5 +1,5 @@
-"""python -m loadtest: stream N requests at a lora-server with C in flight, spread over adapters, and print a table
-(or JSON) of throughput and client-side latency percentiles."""
+"""python -m lora_server.loadtest: stream N requests at a lora-server with C in flight, spread over adapters, and print
+a table (or JSON) of throughput and client-side latency percentiles."""
 
 import argparse
 import json
