@@ -45,6 +45,15 @@ def reference(seq: Sequence, max_model_len: int) -> tuple[list[int], str]:
             return out, "length"
 
 
+def assert_matches_reference(seq: Sequence, max_model_len: int) -> None:
+    """A finished sequence generated what it would alone: all of it when it ran to its end, a prefix otherwise."""
+    expected, reason = reference(seq, max_model_len)
+    if seq.finish_reason in ("stop", "length"):
+        assert (seq.output_token_ids, seq.finish_reason) == (expected, reason)
+    else:
+        assert seq.output_token_ids == expected[:len(seq.output_token_ids)]
+
+
 class FakeModel:
     def __init__(self, blocks: BlockManager) -> None:
         self.blocks = blocks
@@ -534,11 +543,7 @@ def test_random_workloads_finish_without_leaks_or_starvation(workload):
     run = drive(scheduler, residency, seqs, arrive_at, abort_at)  # checks limits, leaks and holds as it goes
     for seq in seqs:
         assert seq.is_finished and run.finished_at[seq.seq_id] >= arrive_at[seq.seq_id]
-        expected, reason = reference(seq, cfg.max_model_len)
-        if seq.finish_reason in ("stop", "length"):
-            assert (seq.output_token_ids, seq.finish_reason) == (expected, reason)
-        else:
-            assert seq.output_token_ids == expected[:len(seq.output_token_ids)]
+        assert_matches_reference(seq, cfg.max_model_len)
         if seq.finish_reason == "error":
             assert seq.adapter_id == "bad" and seq.output_token_ids == []
         elif seq.finish_reason == "timeout":
