@@ -91,7 +91,6 @@ def power_law(num_requests: int, num_adapters: int, alpha: float, rng: random.Ra
 class Run:
     """One timed workload: what it produced, and what it had to read and compute beyond the base model."""
 
-    name: str
     num_adapters: int
     tokens: int  # generated
     seconds: float
@@ -105,8 +104,7 @@ class Run:
         return self.tokens / self.seconds
 
 
-def timed(engine, requests: list[EngineRequest], adapter_bytes: dict[str, int], name: str,
-          warm_up: bool = True) -> Run:
+def timed(engine, requests: list[EngineRequest], adapter_bytes: dict[str, int], warm_up: bool = True) -> Run:
     if warm_up:
         engine.generate(requests)  # adapter loads into the host cache, allocator, kernels
     else:  # a later round: bring back the device residents that other workloads evicted, as a steady server has them
@@ -128,7 +126,7 @@ def timed(engine, requests: list[EngineRequest], adapter_bytes: dict[str, int], 
     seconds = time.perf_counter() - start
     lora_tokens = sum(len(r.prompt_token_ids) + len(c.token_ids)
                       for r, c in zip(requests, results, strict=True) if r.adapter_id is not None)
-    return Run(name, len({r.adapter_id for r in requests} - {None}), sum(len(c.token_ids) for c in results), seconds,
+    return Run(len({r.adapter_id for r in requests} - {None}), sum(len(c.token_ids) for c in results), seconds,
                engine.num_steps - steps_before, engine.stats().residency.loads - loads_before, lora_tokens,
                sum(distinct_bytes) / max(len(distinct_bytes), 1))
 
@@ -227,7 +225,7 @@ def main() -> None:
                     engine.merge_and_wait("a0")
                 requests = [EngineRequest(p, sampling, adapter_id=a, request_id=str(i))
                             for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
-                run = timed(engine, requests, adapter_bytes, name, warm_up=round_number == 0)
+                run = timed(engine, requests, adapter_bytes, warm_up=round_number == 0)
                 if name == "one, merged":
                     engine.merge.request_unmerge("default", "a0")
                     engine.step()
@@ -249,7 +247,7 @@ def main() -> None:
                   f"{run.steps:>6} {run.loads:>6} {run.distinct_bytes_per_step / 1e6:>8.1f} {ideal_ratio:>7.3f} "
                   f"{overhead}")
         if args.peer_requests:
-            peer_rows(engine, model_dir, adapter_dirs, args, rng)
+            peer_rows(engine, model_dir, adapter_dirs, adapter_bytes, args, rng)
         engine.close()
         store.close()
 
@@ -257,7 +255,8 @@ def main() -> None:
 VARIED_PROMPT, VARIED_OUTPUT = (8, 128), (16, 128)  # S-LoRA's synthetic workload's ranges
 
 
-def peer_rows(engine, model_dir: Path, adapter_dirs: dict[str, Path], args, rng: random.Random) -> None:
+def peer_rows(engine, model_dir: Path, adapter_dirs: dict[str, Path], adapter_bytes: dict[str, int], args,
+              rng: random.Random) -> None:
     """Ours against HF transformers + PEFT (mixed-batch `adapter_names`, static batches of 16) on the same requests:
     the power-law workload with equal lengths, and with S-LoRA's varied lengths."""
     try:
@@ -276,7 +275,7 @@ def peer_rows(engine, model_dir: Path, adapter_dirs: dict[str, Path], args, rng:
         prompts = [[rng.randrange(args.vocab) for _ in range(p)] for p, _ in lengths]
         ours = [EngineRequest(prompt, SamplingParams(max_new_tokens=new), adapter_id=a, request_id=f"peer{i}")
                 for i, (prompt, (_, new), a) in enumerate(zip(prompts, lengths, adapters, strict=True))]
-        run = timed(engine, ours, {a: 0 for a in adapter_dirs}, label)
+        run = timed(engine, ours, adapter_bytes)
         peft_rate = peft_tokens_per_second(model_dir, adapter_dirs, [
             PeerRequest(prompt, a, new) for prompt, (_, new), a in zip(prompts, lengths, adapters, strict=True)])
         print(f"{label:<16} {run.rate:>11.1f} {peft_rate:>11.1f} {run.rate / peft_rate:>11.2f}x")
