@@ -59,12 +59,25 @@ class LoraBatch:
     # Host copies, so the torch path and launch-time decisions never wait on the device.
     segments: tuple[LoraSegment, ...]  # the runs, in token order
     max_segment_len: int  # the longest run's num_tokens (0 without runs)
-    # The same runs on the device for the Triton kernels: views into one int32 [3, num_segments] tensor.
-    segment_slots: torch.Tensor  # [num_segments] int32: the slot of each run
-    segment_starts: torch.Tensor  # [num_segments] int32: its first row in x and out
-    segment_lens: torch.Tensor  # [num_segments] int32: its number of rows
+    # The runs as tables, one column per run: rows (slot, first row in x and out, number of rows), int32.
+    device_table: torch.Tensor  # [3, num_segments] on the device, for the Triton kernels
+    # The same on the host (CPU): what the compiled forward hands to the LoRA custom ops, which rebuild the batch
+    # from it (see kernels.lora_ops).
+    host_table: torch.Tensor  # [3, num_segments]
     # split_runs' results by gather limit: computed by the first layer that asks, reused by every other.
     _splits: dict[int, RunSplit] = field(default_factory=dict, repr=False)
+
+    @property
+    def segment_slots(self) -> torch.Tensor:  # [num_segments] int32 on the device: the slot of each run
+        return self.device_table[0]
+
+    @property
+    def segment_starts(self) -> torch.Tensor:  # [num_segments] int32: its first row in x and out
+        return self.device_table[1]
+
+    @property
+    def segment_lens(self) -> torch.Tensor:  # [num_segments] int32: its number of rows
+        return self.device_table[2]
 
     @property
     def has_lora(self) -> bool:
@@ -76,7 +89,7 @@ class LoraBatch:
 
     @property
     def device(self) -> torch.device:
-        return self.segment_slots.device
+        return self.device_table.device
 
     @classmethod
     def build(cls, token_slots: list[int], device: torch.device | str = "cpu") -> "LoraBatch":
@@ -91,16 +104,28 @@ class LoraBatch:
             assert slot >= NO_SLOT, f"slot {slot} is neither NO_SLOT nor a valid slot"
             run_slot, run_start = slot, token_index
         # One transfer for the three tables: rows of one int32 tensor, each a contiguous view.
-        tables = torch.tensor([[s.slot for s in segments], [s.token_start for s in segments],
-                               [s.num_tokens for s in segments]], dtype=torch.int32).view(3, len(segments))
-        tables = tables.to(device, non_blocking=True)  # [3, num_segments]
+        host_table = torch.tensor([[s.slot for s in segments], [s.token_start for s in segments],
+                                   [s.num_tokens for s in segments]], dtype=torch.int32).view(3, len(segments))
+        return cls._with_tables(len(token_slots), tuple(segments), host_table,
+                                host_table.to(device, non_blocking=True))
+
+    @classmethod
+    def from_tables(cls, num_tokens: int, host_table: torch.Tensor, device_table: torch.Tensor) -> "LoraBatch":
+        """The batch whose runs are the columns of host_table [3, num_segments] (slot, start, length), already
+        copied to the device as device_table: how the LoRA custom ops get the batch back inside a compiled graph."""
+        slots, starts, lens = host_table.tolist()
+        segments = tuple(LoraSegment(slot, start, n) for slot, start, n in zip(slots, starts, lens, strict=True))
+        return cls._with_tables(num_tokens, segments, host_table, device_table)
+
+    @classmethod
+    def _with_tables(cls, num_tokens: int, segments: tuple[LoraSegment, ...], host_table: torch.Tensor,
+                     device_table: torch.Tensor) -> "LoraBatch":
         return cls(
-            num_tokens=len(token_slots),
-            segments=tuple(segments),
+            num_tokens=num_tokens,
+            segments=segments,
             max_segment_len=max((s.num_tokens for s in segments), default=0),
-            segment_slots=tables[0],
-            segment_starts=tables[1],
-            segment_lens=tables[2],
+            device_table=device_table,
+            host_table=host_table,
         )
 
     def split_runs(self, max_gathered_len: int) -> RunSplit:

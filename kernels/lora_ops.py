@@ -6,7 +6,7 @@ Semantics (t a token of slot s, k a slice, r = rank[s][k], a = row_start[s], lo:
 The "torch" backend runs `kernels.lora_torch` on the batch's runs (views of x and out) and `kernels.lora_gather` on
 its short runs, gathered together; "triton" is `kernels.lora_shrink` + `kernels.lora_expand`. A call is
 `apply_lora(backend, x, out, weights, batch)`: the layer's `LoraWeights` and the step's `LoraBatch`, both built
-ahead of the call (weights when slots change, the batch once per step).
+ahead of the call (weights when slots change, the batch once per step). Under torch.compile the call is a custom op.
 """
 
 import os
@@ -53,7 +53,16 @@ def apply_lora(backend: str, x: torch.Tensor, out: torch.Tensor, weights: LoraWe
 
     `backend` is a resolved one ("torch" or "triton", see `resolve_lora_backend`). The torch path reads the host
     tables of `weights` and `batch`, the Triton path their device tables; both describe the same slots and runs.
+    Inside `torch.compile` the call is one custom op (`lora_server::apply_lora`), opaque to the compiler: the
+    batch's runs are host data that change every step, and tracing a loop over them would recompile every step.
     """
+    if torch.compiler.is_compiling():
+        torch.ops.lora_server.apply_lora(x, out, backend, weights.key, batch.host_table, batch.device_table)
+    else:
+        _apply_lora(backend, x, out, weights, batch)
+
+
+def _apply_lora(backend: str, x: torch.Tensor, out: torch.Tensor, weights: LoraWeights, batch: LoraBatch) -> None:
     if not batch.has_lora or weights.max_rank == 0:  # no token has a slot, or no slot has rows in this layer
         return
     if backend == "torch":
@@ -76,3 +85,18 @@ def apply_lora(backend: str, x: torch.Tensor, out: torch.Tensor, weights: LoraWe
                            weights.device_slice_offsets)
     else:
         raise ValueError(f"apply_lora needs a resolved backend ('torch' or 'triton'), got {backend!r}")
+
+
+@torch.library.custom_op("lora_server::apply_lora", mutates_args=("out",))
+def _apply_lora_op(x: torch.Tensor, out: torch.Tensor, backend: str, weights_key: int, host_table: torch.Tensor,
+                   device_table: torch.Tensor) -> None:
+    """`apply_lora` as the compiled graph calls it: the layer's pool by its key, the step's runs as tables (host and
+    device copies, both built once per step by LoraBatch.build; the host one is read here, with no device sync)."""
+    batch = LoraBatch.from_tables(x.shape[0], host_table, device_table)
+    _apply_lora(backend, x, out, LoraWeights.by_key(weights_key), batch)
+
+
+@_apply_lora_op.register_fake
+def _(x: torch.Tensor, out: torch.Tensor, backend: str, weights_key: int, host_table: torch.Tensor,
+      device_table: torch.Tensor) -> None:
+    return None

@@ -10,10 +10,17 @@ tensors for the Triton kernels. Both are rebuilt when a slot changes (an adapter
 only reads them.
 """
 
+import itertools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+# Every LoraWeights by its `key`: a compiled graph cannot carry a Python object into a custom op, only an int, so
+# the LoRA custom ops (kernels.lora_ops) find their layer's pool here. Weak: a dropped model's pools go with it.
+_BY_KEY: "weakref.WeakValueDictionary[int, LoraWeights]" = weakref.WeakValueDictionary()
+_NEXT_KEY = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,8 @@ class LoraWeights:
         assert lora_bt.shape == (total_rows, slice_offsets[-1]), (lora_a.shape, lora_bt.shape, slice_offsets)
         assert len(slice_offsets) == num_slices + 1 and slice_offsets[0] == 0
         assert lora_a.dtype == lora_bt.dtype and lora_a.device == lora_bt.device
+        self.key = next(_NEXT_KEY)  # this pool's id for the custom ops: see `by_key`
+        _BY_KEY[self.key] = self
         self.lora_a = lora_a  # [num_slices, total_rows, in]
         self.lora_bt = lora_bt  # [total_rows, out]
         self.slice_offsets = tuple(slice_offsets)  # [num_slices + 1]
@@ -74,6 +83,10 @@ class LoraWeights:
         lora_a = torch.zeros(num_slices, total_rows, in_features, dtype=dtype, device=device)
         lora_bt = torch.zeros(total_rows, slice_offsets[-1], dtype=dtype, device=device)
         return cls(lora_a, lora_bt, slice_offsets, num_slots)
+
+    @staticmethod
+    def by_key(key: int) -> "LoraWeights":
+        return _BY_KEY[key]
 
     @property
     def num_slices(self) -> int:

@@ -9,7 +9,8 @@ Workloads (every request: a random prompt, a fixed number of new tokens, no EOS 
     one adapter     every request the same adapter
     power-law 100   100 adapters, request i picks adapter k with probability ∝ 1/(k+1)^alpha (S-LoRA's skew)
     distinct        every request its own adapter
-    one, merged     the one-adapter workload again with that adapter merged into the base (merged mode)
+    one, merged     the one-adapter workload with that adapter merged into the base (merged mode), timed in rounds of
+                    its own: a base-only run, then the merged run, per round
 Each workload runs in --rounds interleaved rounds; "vs base" is the median of its ratio to each round's base-only
 run, tokens/s the median run. "MB/step" is the weights of the distinct adapters running in a step (what a step reads
 beyond the base); "ideal" is the ratio to base-only that the LoRA term's FLOPs (at the base run's FLOP rate) and
@@ -151,6 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lora-backend", default="auto")
+    parser.add_argument("--dtype", default="auto", help="the engine's compute dtype (auto: the checkpoint's, fp32)")
+    parser.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
@@ -189,7 +192,8 @@ def main() -> None:
                 for file_name, data in upload.items():
                     (adapter_dirs[f"a{k}"] / file_name).write_bytes(data)
         adapter_bytes = {f"a{k}": store.get("default", f"a{k}").num_bytes for k in range(num_adapters)}
-        options = EngineOptions(device=args.device, lora_backend=args.lora_backend, max_num_seqs=args.max_num_seqs,
+        options = EngineOptions(device=args.device, dtype=args.dtype, lora_backend=args.lora_backend,
+                                compile=args.compile, max_num_seqs=args.max_num_seqs,
                                 max_num_batched_tokens=max(2048, args.max_num_seqs),
                                 max_adapters_on_device=args.max_num_seqs, max_lora_rank=args.rank,
                                 adapter_host_bytes=8 << 30, merge_policy="manual")
@@ -197,12 +201,19 @@ def main() -> None:
         prompts = [[rng.randrange(args.vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)]
         sampling = SamplingParams(max_new_tokens=args.new_tokens)
 
+        def requests_for(adapters: list[str | None]) -> list[EngineRequest]:
+            return [EngineRequest(p, sampling, adapter_id=a, request_id=str(i))
+                    for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
+
         # FLOPs per token: 2 per weight of the decoder's linears and the LM head; an adapter's: 2 per A and B weight.
         base_weight_bytes = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters()
                                 if p.dim() == 2 and "embed_tokens" not in n)
         base_flops_per_token = 2 * sum(p.numel() for n, p in engine.model.named_parameters()
                                        if p.dim() == 2 and "embed_tokens" not in n)
         adapter_flops_per_token = 2 * adapter_bytes["a0"] / 4  # make_upload writes fp32
+        # On the device an adapter's rows are in the model's dtype: what a step reads.
+        itemsize = engine.model.embed_tokens.weight.element_size()
+        adapter_bytes = {name: size * itemsize // 4 for name, size in adapter_bytes.items()}
         device = engine.model.embed_tokens.weight.device
         copy_bytes_per_second = measure_peak_bandwidth(device, make_timer(device, cpu_runs=5), 256 << 20)
 
@@ -214,29 +225,34 @@ def main() -> None:
         print(f"{'workload':<16} {'adapters':>9} {'tokens/s':>10} {'vs base':>8} {'steps':>6} {'loads':>6} "
               f"{'MB/step':>8} {'ideal':>7} {'overhead vs ideal':>18}")
         runs = list(workloads(args.requests, args.adapters, args.alpha, rng).items())
-        runs.append(("one, merged", ["a0"] * args.requests))  # merged mode: a0 folded into the base weights
         # Why rounds, and the median of each round's ratio to that round's base-only run: on a shared machine the
         # speed drifts by 20% or more over minutes (one base-only run read 698 tokens/s, another 866), so a workload
         # is compared with a base run minutes apart only by luck; adjacent runs in one round share the conditions.
         rounds: dict[str, list[Run]] = {name: [] for name, _ in runs}
         for round_number in range(args.rounds):
             for name, adapters in runs:
-                if name == "one, merged":
-                    engine.merge_and_wait("a0")
-                requests = [EngineRequest(p, sampling, adapter_id=a, request_id=str(i))
-                            for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))]
-                run = timed(engine, requests, adapter_bytes, warm_up=round_number == 0)
-                if name == "one, merged":
-                    engine.merge.request_unmerge("default", "a0")
-                    engine.step()
-                rounds[name].append(run)
-        ratios = {name: statistics.median(run.rate / base.rate for run, base in zip(done, rounds["base only"],
-                                                                                        strict=True))
+                rounds[name].append(timed(engine, requests_for(adapters), adapter_bytes,
+                                          warm_up=round_number == 0))
+        # Merged mode (a0 folded into the base weights) in rounds of its own, each a base-only run then a merged one:
+        # inside the rounds above it ran right after the distinct workload's adapter loads and read 0.87-0.90 of
+        # base-only, while measured this way it reads 1.0 (server/engine/BENCHMARKS.md).
+        merged_name, merged_bases = "one, merged", []
+        rounds[merged_name] = []
+        for round_number in range(args.rounds):
+            merged_bases.append(timed(engine, requests_for([None] * args.requests), adapter_bytes, warm_up=False))
+            engine.merge_and_wait("a0")
+            rounds[merged_name].append(timed(engine, requests_for(["a0"] * args.requests), adapter_bytes,
+                                             warm_up=round_number == 0))
+            engine.merge.request_unmerge("default", "a0")
+            engine.step()
+        runs.append((merged_name, ["a0"] * args.requests))
+        bases = {name: merged_bases if name == merged_name else rounds["base only"] for name in rounds}
+        ratios = {name: statistics.median(run.rate / base.rate for run, base in zip(done, bases[name], strict=True))
                   for name, done in rounds.items()}
         base_run = median_run(rounds["base only"])
         for name, _ in runs:
             run = median_run(rounds[name])
-            if name == "one, merged":  # merged requests run no LoRA term
+            if name == merged_name:  # merged requests run no LoRA term
                 run.lora_tokens, run.distinct_bytes_per_step = 0, 0.0
             base_tokens_fed = sum(len(p) for p in prompts) + base_run.tokens
             extra = ideal_extra_seconds(run, base_run, base_tokens_fed, base_flops_per_token,
@@ -277,7 +293,8 @@ def peer_rows(engine, model_dir: Path, adapter_dirs: dict[str, Path], adapter_by
                 for i, (prompt, (_, new), a) in enumerate(zip(prompts, lengths, adapters, strict=True))]
         run = timed(engine, ours, adapter_bytes)
         peft_rate = peft_tokens_per_second(model_dir, adapter_dirs, [
-            PeerRequest(prompt, a, new) for prompt, (_, new), a in zip(prompts, lengths, adapters, strict=True)])
+            PeerRequest(prompt, a, new) for prompt, (_, new), a in zip(prompts, lengths, adapters, strict=True)],
+            device=engine.model.embed_tokens.weight.device, dtype=engine.model.embed_tokens.weight.dtype)
         print(f"{label:<16} {run.rate:>11.1f} {peft_rate:>11.1f} {run.rate / peft_rate:>11.2f}x")
 
 

@@ -39,6 +39,8 @@ class EngineOptions:
     dtype: str = "auto"
     quantize: str = "none"  # none | nf4
     lora_backend: str = "auto"  # auto | triton | torch
+    decode_attention: str = "auto"  # auto | triton | torch: see server.model.attention.PagedKVCache
+    compile: bool = False  # decode steps through torch.compile (server.model.compiled); a first step takes minutes
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     prefill_chunk_size: int | None = None
@@ -112,7 +114,8 @@ def open_engine(model_dir: Path, store: AdapterStore | None, options: EngineOpti
         merge = MergeControl(model, residency, options.merge_policy, options.merge_policy_config,
                              options.merge_budget_bytes)
     kv_cache, scheduler_config = _kv_cache_and_limits(model, device, options)
-    runner = ModelRunner(model, kv_cache, lora_batches=merge.lora_batches if merge else None)
+    runner = ModelRunner(model, kv_cache, lora_batches=merge.lora_batches if merge else None,
+                         compile_decode=options.compile)
 
     engine = LoadedEngine(runner, scheduler_config, tokenizer, model, catalog, residency, merge, store,
                           model_name or Path(model_dir).name)
@@ -160,7 +163,7 @@ def _kv_cache_and_limits(model: LlamaModel, device: torch.device,
                          f"({bytes_per_token} bytes per token)")
     max_len = min(max_len, num_blocks * block)
     kv_cache = PagedKVCache(config.num_layers, num_blocks, block, config.num_kv_heads, config.head_dim, dtype,
-                            device, config.sliding_window)
+                            device, config.sliding_window, decode_backend=options.decode_attention)
     scheduler_config = SchedulerConfig(num_blocks=num_blocks, max_model_len=max_len, block_size=block,
                                        max_num_batched_tokens=max(options.max_num_batched_tokens, options.max_num_seqs),
                                        max_num_seqs=options.max_num_seqs, max_overtakes=options.max_overtakes,

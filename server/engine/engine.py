@@ -8,9 +8,10 @@
 
 `prepare` is where requests enter: the one check of a request and the one registry read for its adapter happen there,
 on the caller's thread, so a step never reads the store. A step: the scheduler picks the batch (decodes, prefill
-chunks, admissions), the model runner runs it and samples, the scheduler advances the sequences (EOS, length), then
-stop strings are checked on the new text. Requests that finished for any reason (stop, length, timeout, abort, error)
-get their last delta. `generate` runs a list of requests to completion (the offline command, tests, benchmark).
+chunks, admissions), the model runner runs it and samples, the scheduler advances the sequences (stop tokens: EOS
+unless ignore_eos, and stop_token_ids; length), then stop strings are checked on the new text (after min_tokens).
+Requests that finished for any reason (stop, length, timeout, abort, error) get their last delta. `generate` runs a
+list of requests to completion (the offline command, tests, benchmark).
 
 Failures stay as small as they can: a request whose row cannot be sampled (non-finite logits from its adapter, a
 draw that raises) ends alone with an error while the rest of its step goes on; a step that raises is run once more
@@ -62,6 +63,8 @@ class EngineStats:
     num_step_retries: int  # steps that raised once and were run again
     residency: ResidencyCounters | None = None  # None when the engine serves no adapters
     merge: MergeStats | None = None
+    # (tenant, adapter id), or None for the base model -> (running, waiting) requests: the per-adapter queue.
+    queue_by_adapter: dict[tuple[str, str] | None, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -136,13 +139,19 @@ class Engine:
         request = prepared.request
         if request.request_id in self._requests:
             raise RequestError(f"request id {request.request_id!r} is already running")
-        seq = Sequence(self._next_seq_id, list(request.prompt_token_ids), request.sampling.max_new_tokens,
-                       frozenset(self.tokenizer.eos_token_ids), tenant=request.tenant, adapter=prepared.adapter,
-                       sampling=request.sampling, generator=make_generator(request.sampling),
+        sampling = request.sampling
+        # The sequence's stop tokens: the scheduler ends it on any of them, and the sampler keeps them from being
+        # drawn before min_tokens.
+        eos = frozenset() if sampling.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
+        seq = Sequence(self._next_seq_id, list(request.prompt_token_ids), sampling.max_new_tokens,
+                       eos | frozenset(sampling.stop_token_ids), tenant=request.tenant, adapter=prepared.adapter,
+                       sampling=sampling, generator=make_generator(sampling),
                        num_logprobs=request.logprobs, deadline=request.deadline)
         self.scheduler.add(seq)
         self._next_seq_id += 1
-        state = _RequestState(request, seq, IncrementalText(self.tokenizer.decode, request.stop), time.monotonic())
+        text = IncrementalText(self.tokenizer.decode, request.stop, sampling.include_stop_str_in_output,
+                               sampling.min_tokens)
+        state = _RequestState(request, seq, text, time.monotonic())
         self._requests[request.request_id] = state
         self._by_seq[seq.seq_id] = state
         self.num_prompt_tokens_total += seq.num_prompt_tokens
@@ -179,7 +188,11 @@ class Engine:
             state = self._by_seq[seq_id]
             if token.logprob is not None:
                 state.pending_logprobs.append(token.logprob)
-            if state.text.update(state.seq.output_token_ids) and not state.seq.is_finished:
+            output = state.seq.output_token_ids
+            # Finished with "stop" before the text is read: a stop token ended it, whose text goes (as vLLM's) unless
+            # include_stop_str_in_output.
+            keep_stop_token = state.seq.finish_reason != "stop" or state.request.sampling.include_stop_str_in_output
+            if state.text.update(output, len(output) - (not keep_stop_token)) and not state.seq.is_finished:
                 self.scheduler.finish(seq_id, "stop")
 
         deltas = []
@@ -298,4 +311,14 @@ class Engine:
             num_step_retries=self.num_step_retries,
             residency=self.residency.counters() if self.residency is not None else None,
             merge=self.merge.stats() if self.merge is not None else None,
+            queue_by_adapter=self._queue_by_adapter(),
         )
+
+    def _queue_by_adapter(self) -> dict[tuple[str, str] | None, tuple[int, int]]:
+        queue: dict[tuple[str, str] | None, tuple[int, int]] = {}
+        for waiting, seqs in ((0, self.scheduler.running), (1, self.scheduler.waiting)):
+            for seq in seqs:
+                key = None if seq.adapter_id is None else (seq.tenant, seq.adapter_id)
+                counts = queue.get(key, (0, 0))
+                queue[key] = (counts[0] + 1 - waiting, counts[1] + waiting)
+        return queue

@@ -85,6 +85,10 @@ def check_request(request: EngineRequest, max_model_len: int, vocab_size: int) -
                            field="prompt", code="context_length_exceeded")
     if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt):
         raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})")
+    stop_token_ids = request.sampling.stop_token_ids
+    if any(t >= vocab_size for t in stop_token_ids):
+        raise RequestError(f"stop_token_ids must be token ids in [0, {vocab_size}), got {list(stop_token_ids)}",
+                           field="stop_token_ids")
     if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in request.stop):
         raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_STRING_CHARS} "
                            f"characters each")

@@ -5,7 +5,10 @@ store k and v and return the attention output. Where the cache lives (contiguous
 engine) is the backend's business, so the model file never changes when the cache does.
 """
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Protocol
 
 import torch
@@ -110,68 +113,158 @@ class ContiguousKVCache:
 @dataclass(frozen=True)
 class PagedSequenceChunk:
     """`num_tokens` new tokens of one sequence at `token_start` in the flat batch, at positions `start_position`..;
-    `cache_indices[p]` is where position p's K/V lives in the paged cache, for every position up to the last new one.
-    """
+    position p's K/V lives at entry p % block_size of block `block_table[p // block_size]` (host integers: the cache
+    turns a whole step's chunks into device tables at once, in `set_batch`)."""
 
     token_start: int
     num_tokens: int
     start_position: int
-    cache_indices: torch.Tensor  # [start_position + num_tokens] int64, on the cache's device
+    block_table: Sequence[int]
+
+    @property
+    def context_len(self) -> int:
+        return self.start_position + self.num_tokens
+
+
+@dataclass(frozen=True)
+class PagedBatchTables:
+    """One step's attention metadata on the device, built on the host from the scheduler's integers and copied in
+    one transfer (so the forward pass never waits on the device for a length or an index).
+
+    Single-token chunks (decodes, and any one-token prefill) form the *decode group*: one batched attention call per
+    layer. Longer chunks are attended one by one (few per step: the scheduler's token budget bounds them)."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: the cache entry each new token's K/V is written to
+    decode_token_ids: torch.Tensor  # [num_decode] int64: the decode group's rows in the flat batch, ascending
+    decode_all: bool  # every token of the batch is in the decode group, in order: no gather of q nor scatter of out
+    context_lens: torch.Tensor  # [num_decode] int32: keys each decode token sees (its position + 1)
+    block_tables: torch.Tensor  # [num_decode, max_blocks] int32: padded with block 0 (masked: past context_len)
+    decode_key_indices: torch.Tensor  # [num_decode, max_context] int64: cache entry of each key position (clamped)
+    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_context] bool: keys each decode token may see
+    prefill: tuple[tuple[PagedSequenceChunk, torch.Tensor], ...]  # (chunk, [context_len] int64 cache entries)
 
 
 class PagedKVCache:
     """K/V in fixed-size blocks shared by all sequences: k_cache/v_cache [num_layers, num_entries, num_kv_heads,
-    head_dim] with num_entries = num_blocks * block_size. The engine's block manager decides which cache index holds
-    which position; this class only writes and reads through those indices (the CPU path, and the GPU one until a
-    Triton attention kernel lands)."""
+    head_dim] with num_entries = num_blocks * block_size. The engine's block manager decides which block holds which
+    positions; this class writes and reads through the block tables.
+
+    Decode attention has two backends: "torch" gathers each sequence's keys into a padded tensor per layer (indices
+    built once per step) and runs one SDPA; "triton" (`kernels.paged_decode`, CUDA) reads the blocks in place.
+    "auto" picks Triton on CUDA when it is installed."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, sliding_window: int | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str, sliding_window: int | None = None,
+                 decode_backend: str = "auto") -> None:
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        # Zeros, not empty: masked-out keys get weight 0, but 0 × a NaN left in uninitialised memory is still NaN.
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.sliding_window = sliding_window
-        self.chunks: tuple[PagedSequenceChunk, ...] = ()
-        self.new_token_cache_indices = torch.empty(0, dtype=torch.int64)
+        self.decode_backend = resolve_decode_backend(decode_backend, self.k_cache.device, block_size)
+        self.tables: PagedBatchTables | None = None
+        if self.decode_backend == "triton":
+            # Imported here, not per call: a CPU-only server never imports triton, and a compiled forward traces
+            # the call to the custom op without an import inside the graph.
+            from lora_server.kernels.paged_decode import paged_decode_op
 
-    def set_batch(self, chunks: tuple[PagedSequenceChunk, ...]) -> None:
-        """Describe the next forward pass; chunks must tile the flat batch in order."""
-        self.chunks = chunks
-        # cache index of every new token, in flat-batch order: [num_tokens]
-        self.new_token_cache_indices = torch.cat([c.cache_indices[c.start_position:] for c in chunks]) if chunks \
-            else torch.empty(0, dtype=torch.int64, device=self.k_cache.device)
+            self._paged_decode = paged_decode_op
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_cache.device
+
+    def set_batch(self, chunks: Sequence[PagedSequenceChunk]) -> None:
+        """Describe the next forward pass (chunks tile the flat batch in order): every table it needs, built here."""
+        size = self.block_size
+        slot_mapping = [chunk.block_table[p // size] * size + p % size
+                        for chunk in chunks for p in range(chunk.start_position, chunk.context_len)]
+        decode = [chunk for chunk in chunks if chunk.num_tokens == 1]
+        prefill = [chunk for chunk in chunks if chunk.num_tokens > 1]
+        max_blocks = max((-(-chunk.context_len // size) for chunk in decode), default=0)
+        padded_tables = [[*chunk.block_table[: -(-chunk.context_len // size)]] for chunk in decode]
+        for table in padded_tables:
+            table += [0] * (max_blocks - len(table))
+        prefill_entries = [chunk.block_table[p // size] * size + p % size
+                           for chunk in prefill for p in range(chunk.context_len)]
+        # One host-to-device transfer for every integer table of the step; the tensors below are views of it.
+        host = torch.tensor([*slot_mapping, *(c.token_start for c in decode), *(c.context_len for c in decode),
+                             *(b for table in padded_tables for b in table), *prefill_entries], dtype=torch.int64)
+        flat = host.to(self.device, non_blocking=True)
+        num_tokens, num_decode = len(slot_mapping), len(decode)
+        cut = [num_tokens, num_decode, num_decode, num_decode * max_blocks, len(prefill_entries)]
+        slot_tensor, decode_ids, context_lens, tables, entries = flat.split(cut)
+        block_tables = tables.view(num_decode, max_blocks)
+        max_context = max((chunk.context_len for chunk in decode), default=0)
+        key_positions = torch.arange(max_context, device=self.device)[None, :]  # [1, max_context]
+        last = (context_lens - 1)[:, None]  # [num_decode, 1]: each decode token's own position
+        # [num_decode, max_context]: the cache entry of key position j of row i. Positions past a row's own are read
+        # at its last one: masked, but read, and 0 · NaN is NaN, so they must be the row's own written entries
+        # (a block's unwritten tail, or block 0, may hold anything a previous owner left, NaN included).
+        clamped = torch.minimum(key_positions, last)
+        key_indices = block_tables.gather(1, clamped // size) * size + clamped % size
+        mask = key_positions <= last
+        if self.sliding_window is not None:
+            mask &= key_positions > last - self.sliding_window
+        prefill_tables, offset = [], 0
+        for chunk in prefill:
+            prefill_tables.append((chunk, entries[offset : offset + chunk.context_len]))
+            offset += chunk.context_len
+        self.tables = PagedBatchTables(
+            slot_mapping=slot_tensor, decode_token_ids=decode_ids,
+            decode_all=num_decode == num_tokens, context_lens=context_lens.to(torch.int32),
+            block_tables=block_tables.to(torch.int32), decode_key_indices=key_indices,
+            decode_mask=mask[:, None, None, :], prefill=tuple(prefill_tables))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.k_cache[layer, self.new_token_cache_indices] = k
-        self.v_cache[layer, self.new_token_cache_indices] = v
-        if all(chunk.num_tokens == 1 for chunk in self.chunks):
-            return self._attend_decode(layer, q)
+        tables = self.tables
+        assert tables is not None, "set_batch first"
+        self.k_cache[layer, tables.slot_mapping] = k
+        self.v_cache[layer, tables.slot_mapping] = v
+        if tables.decode_all:
+            return self._attend_decode(layer, q, tables)
         out = torch.empty_like(q)
-        for chunk in self.chunks:
+        if tables.decode_token_ids.numel():
+            out.index_copy_(0, tables.decode_token_ids,
+                            self._attend_decode(layer, q.index_select(0, tables.decode_token_ids), tables))
+        for chunk, entries in tables.prefill:
             new = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-            keys = self.k_cache[layer, chunk.cache_indices].transpose(0, 1)  # [num_kv_heads, context, head_dim]
-            values = self.v_cache[layer, chunk.cache_indices].transpose(0, 1)
+            keys = self.k_cache[layer, entries].transpose(0, 1)  # [num_kv_heads, context_len, head_dim]
+            values = self.v_cache[layer, entries].transpose(0, 1)
             mask = causal_mask(chunk.num_tokens, chunk.start_position, self.sliding_window, q.device)
             attended = F.scaled_dot_product_attention(q[new].transpose(0, 1), keys, values, attn_mask=mask,
                                                       enable_gqa=True)
             out[new] = attended.transpose(0, 1)
         return out
 
-    def _attend_decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence: gather every sequence's keys into one padded tensor, one SDPA call."""
-        context_lens = [c.start_position + 1 for c in self.chunks]
-        max_len = max(context_lens)
-        # Pad each sequence's cache indices with its own last one; the mask hides the padding.
-        padded = torch.stack([F.pad(c.cache_indices, (0, max_len - len(c.cache_indices)),
-                                    value=int(c.cache_indices[-1])) for c in self.chunks])  # [num_seqs, max_len]
-        keys = self.k_cache[layer, padded].transpose(1, 2)  # [num_seqs, num_kv_heads, max_len, head_dim]
-        values = self.v_cache[layer, padded].transpose(1, 2)
-        positions = torch.tensor([n - 1 for n in context_lens], device=q.device)[:, None]
-        key_positions = torch.arange(max_len, device=q.device)[None, :]
-        mask = key_positions <= positions
-        if self.sliding_window is not None:
-            mask &= key_positions > positions - self.sliding_window
-        attended = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask[:, None, None, :],
-                                                  enable_gqa=True)  # [num_seqs, num_heads, 1, head_dim]
+    def _attend_decode(self, layer: int, q: torch.Tensor, tables: PagedBatchTables) -> torch.Tensor:
+        """q [num_decode, num_heads, head_dim]: one new token per row -> [num_decode, num_heads, head_dim]."""
+        if self.decode_backend == "triton":
+            return self._paged_decode(q, self.k_cache[layer], self.v_cache[layer], tables.block_tables,
+                                      tables.context_lens, self.block_size, self.sliding_window or 0)
+        keys = self.k_cache[layer, tables.decode_key_indices].transpose(1, 2)  # [num_decode, kv_heads, ctx, dim]
+        values = self.v_cache[layer, tables.decode_key_indices].transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=tables.decode_mask,
+                                                  enable_gqa=True)  # [num_decode, num_heads, 1, head_dim]
         return attended[:, :, 0, :]
+
+
+DECODE_BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_decode_backend(name: str, device: torch.device, block_size: int) -> str:
+    """"auto" -> "triton" on CUDA with triton installed (and a power-of-two block size, which the kernel's tiles
+    need), else "torch"; "triton" only on CUDA or under Triton's interpreter (TRITON_INTERPRET=1, tests)."""
+    if name not in DECODE_BACKENDS:
+        raise ValueError(f"unknown decode attention backend {name!r}; choose one of {', '.join(DECODE_BACKENDS)}")
+    has_triton = find_spec("triton") is not None
+    power_of_two = block_size & (block_size - 1) == 0
+    if name == "auto":
+        return "triton" if device.type == "cuda" and has_triton and power_of_two else "torch"
+    if name == "triton" and not (has_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
+        raise ValueError("decode attention backend 'triton' needs the triton package and a CUDA device "
+                         "(or TRITON_INTERPRET=1 on CPU, for tests)")
+    if name == "triton" and not power_of_two:
+        raise ValueError(f"decode attention backend 'triton' needs a power-of-two block size, not {block_size}")
+    return name

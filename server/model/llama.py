@@ -92,7 +92,9 @@ class LlamaModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: torch.compile's tracer cannot take a module's buffers into an inference-mode graph
+    # ("Cannot set version_counter for inference tensor"), and the weights need no autograd either way.
+    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
                 lora: LoraBatches = None) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden]."""
@@ -101,7 +103,7 @@ class LlamaModel(nn.Module):
             x = layer(x, positions, attention, lora)
         return self.norm(x)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_rows, hidden] -> logits [num_rows, vocab] in fp32 (only the rows that sample, to save work)."""
         return self.lm_head(hidden).float()

@@ -101,16 +101,16 @@ def test_a_poisoned_adapter_and_a_failing_draw_end_alone(engine, monkeypatch):
     assert all(reason in ("stop", "length") for _, reason in alone.values()), (seed, alone)
 
     draws = {"n": 0}
-    sample_row = sampler._sample_row
+    draw_uniform = sampler._draw_uniform
 
-    def failing_third_draw(logits, params, generator):
+    def failing_third_draw(params, generator):
         if params.seed == FAILING_SEED:
             draws["n"] += 1
             if draws["n"] == 3:
                 raise RuntimeError("injected sampling fault")
-        return sample_row(logits, params, generator)
+        return draw_uniform(params, generator)
 
-    monkeypatch.setattr(sampler, "_sample_row", failing_third_draw)
+    monkeypatch.setattr(sampler, "_draw_uniform", failing_third_draw)
     prompt = engine.tokenizer.encode(tasks.make_prompt("poison"))
     bad = [EngineRequest(prompt, SamplingParams(max_new_tokens=MAX_NEW), adapter_id=POISONED, tenant="acme",
                          request_id="bad-adapter"),

@@ -1,8 +1,10 @@
 """The paged KV cache against transformers: chunked prefills and decodes of several sequences share forward passes,
-with their blocks scattered over the cache in random order; every position's logits match one full prefill."""
+with their blocks scattered over the cache in random order; every position's logits match one full prefill. Decodes
+run through both decode backends."""
 
 import random
 
+import pytest
 import torch
 
 from lora_server.model.attention import PagedKVCache, PagedSequenceChunk
@@ -12,7 +14,8 @@ from tests.reference import assert_close_relative, hf_logits, save_random_hf_mod
 BLOCK_SIZE = 4
 
 
-def test_chunked_prefill_and_decode_through_scattered_blocks(tmp_path):
+@pytest.mark.parametrize("decode_backend", ["torch", "triton"])  # triton: under the interpreter without a GPU
+def test_chunked_prefill_and_decode_through_scattered_blocks(tmp_path, decode_backend):
     hf_model = save_random_hf_model(tmp_path, "MistralForCausalLM", sliding_window=6, seed=4)
     model = load_model(tmp_path, torch.device("cpu"), torch.float32)
     c = model.config
@@ -22,7 +25,7 @@ def test_chunked_prefill_and_decode_through_scattered_blocks(tmp_path):
     random.Random(6).shuffle(free_blocks)  # blocks out of order, so a wrong block table cannot go unnoticed
     block_tables: list[list[int]] = [[] for _ in sequences]
     cache = PagedKVCache(c.num_layers, 40, BLOCK_SIZE, c.num_kv_heads, c.head_dim, torch.float32, "cpu",
-                         c.sliding_window)
+                         c.sliding_window, decode_backend=decode_backend)
     computed = [0, 0, 0]  # positions of each sequence already in the cache
     logits_by_seq: list[list[torch.Tensor]] = [[] for _ in sequences]
     # Per step: how many new tokens each sequence feeds (0 = sits out): chunked prefills beside decodes.
@@ -36,9 +39,7 @@ def test_chunked_prefill_and_decode_through_scattered_blocks(tmp_path):
             end = computed[i] + n
             while len(block_tables[i]) * BLOCK_SIZE < end:
                 block_tables[i].append(free_blocks.pop())
-            key_slots = torch.tensor([block_tables[i][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
-                                      for p in range(end)])
-            chunks.append(PagedSequenceChunk(start, n, computed[i], key_slots))
+            chunks.append(PagedSequenceChunk(start, n, computed[i], list(block_tables[i])))
             ids += sequences[i][computed[i]:end]
             positions += range(computed[i], end)
             start += n
