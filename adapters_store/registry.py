@@ -99,6 +99,13 @@ class Registry:
                              _to_row(record))
         return record
 
+    def insert(self, record: AdapterVersion) -> bool:
+        """A version numbered elsewhere (a shared repository's log), as given; False when its key is here already."""
+        with self._transaction():
+            cursor = self._db.execute(f"INSERT OR IGNORE INTO adapter_versions VALUES "
+                                      f"({', '.join('?' * len(_COLUMNS))})", _to_row(record))
+        return cursor.rowcount == 1
+
     def mark_deleted(self, tenant: str, adapter_id: str, version: int | None = None) -> list[AdapterVersion]:
         """Every version (or the one given) not yet deleted becomes DELETED; returns them as they were before."""
         where, args = "tenant = ? AND adapter_id = ? AND state != ?", [tenant, adapter_id, DELETED]

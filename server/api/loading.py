@@ -7,7 +7,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from lora_server.adapters_store import READY, AdapterStore, StoreLimits
+from lora_server.adapters_store.repository import AdapterRepository
+from lora_server.adapters_store.upload import check_id
+from lora_server.api.adapter_dirs import is_stored, read_adapter_dir
 from lora_server.api.chat_template import ChatTemplate
 from lora_server.api.state import Served
 from lora_server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
@@ -30,6 +35,8 @@ class ServeTarget:
     max_pending: int
     tenants: tuple[str, ...]  # whose store gets the demo adapters; with several, each gets a bounded share
     max_pending_per_tenant: int | None = None  # None: see resolved_max_pending_per_tenant
+    repository_dir: Path | None = None  # a shared adapter repository, store_dir then its cache; None: no repository
+    lora_modules: tuple[tuple[str, Path], ...] = ()  # --lora-modules: (adapter id, directory), stored for each tenant
 
     @property
     def resolved_model_dir(self) -> Path:
@@ -52,12 +59,15 @@ class ServeTarget:
 
 def open_served(target: ServeTarget) -> Served:
     model_dir, name = target.resolved_model_dir, target.resolved_model_name
-    store = AdapterStore.open(target.store_dir, base_description(model_dir, name), target.store_limits)
+    repository = None if target.repository_dir is None else AdapterRepository.open(target.repository_dir)
+    store = AdapterStore.open(target.store_dir, base_description(model_dir, name), target.store_limits,
+                              repository=repository)
     try:
         logger.info("adapter store %s opened (%d servable versions); recovery: %s", target.store_dir,
                     store.num_versions(), store.recovery)
         if target.model_dir is None:
             register_demo_adapters(store, target.tenants)
+        register_lora_modules(store, target.tenants, target.lora_modules)
         engine = open_engine(model_dir, store, target.engine_options, model_name=name)
     except BaseException:
         store.close()
@@ -66,6 +76,21 @@ def open_served(target: ServeTarget) -> Served:
                                max_pending_per_tenant=target.resolved_max_pending_per_tenant)
     async_engine.start()
     return Served(async_engine, store, ChatTemplate.from_model_dir(model_dir))
+
+
+def register_lora_modules(store: AdapterStore, tenants: tuple[str, ...],
+                          modules: tuple[tuple[str, Path], ...]) -> None:
+    """Store each `--lora-modules NAME=PATH` adapter for each tenant, validated as an upload is (AdapterError for a
+    bad one, AdapterDirError for an unreadable directory: the load fails). A tenant whose newest version of NAME holds
+    the same files keeps it: a restart adds no version."""
+    # disable=None: a bar on a terminal, nothing in a log file
+    for name, path in tqdm(modules, desc="importing adapters", unit="adapter", disable=None):
+        check_id(name, "--lora-modules")
+        files = read_adapter_dir(path, store.limits)
+        for tenant in tenants:
+            if not is_stored(store, tenant, name, files):
+                record = store.put(tenant, name, files)
+                logger.info("stored adapter %s version %d for tenant %s from %s", name, record.version, tenant, path)
 
 
 def register_demo_adapters(store: AdapterStore, tenants: tuple[str, ...]) -> None:

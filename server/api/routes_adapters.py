@@ -16,6 +16,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from lora_server.adapters_store import AdapterError, AdapterStore, AdapterVersion
 from lora_server.adapters_store.peft_adapter import WEIGHTS_FILE
 from lora_server.adapters_store.peft_config import CONFIG_FILE
+from lora_server.adapters_store.repository import AdapterExists
 from lora_server.adapters_store.upload import check_id
 from lora_server.api.auth import Principal, require_admin
 from lora_server.api.deps import CallerDep, StateDep
@@ -141,7 +142,11 @@ async def store_version(state: ServerState, served: Served, principal: Principal
     async with state.upload_lock:  # makes "must not exist yet" and the write one step
         if must_be_new and store.versions(principal.tenant, adapter_id):
             raise _exists(adapter_id)
-        record, adapter = await asyncio.to_thread(store.put_parsed, principal.tenant, adapter_id, files)
+        try:
+            record, adapter = await asyncio.to_thread(store.put_parsed, principal.tenant, adapter_id, files,
+                                                      must_be_new)
+        except AdapterExists:  # on a shared repository: another server created it since our check
+            raise _exists(adapter_id) from None
     served.engine.put_uploaded_adapter(AdapterKey(principal.tenant, adapter_id, record.version), adapter)
     return record
 
