@@ -1,2 +1,2 @@
-"""A black-box load generator for lora-server: streams requests over plain HTTP (standard library only, nothing from
-server/) and reports throughput and latency percentiles. `python -m lora_server.loadtest --help`."""
+"""A black-box load generator for lora-server (`lora-loadtest`, or `python -m lora_server.loadtest --help`): S-LoRA's
+workload, closed loops and trace replay over plain HTTP, nothing imported from server/."""

@@ -25,7 +25,7 @@ from lora_server.api.errors import CONFLICT, INVALID_REQUEST, NOT_FOUND, SERVER,
 from lora_server.api.metrics import ApiMetrics
 from lora_server.api.state import Served
 from lora_server.engine.async_engine import RequestStream
-from lora_server.engine.request import EngineRequest, RequestDelta, TokenLogprob
+from lora_server.engine.request import MAX_LOGPROBS, EngineRequest, RequestDelta, TokenLogprob
 from lora_server.engine.sampler import SamplingError, SamplingParams
 
 T = TypeVar("T")
@@ -42,10 +42,12 @@ def new_id(prefix: str) -> str:
 def build_request(served: Served, config: ApiConfig, principal: Principal, *, prompt_token_ids: list[int],
                   adapter_id: str | None, max_new_tokens: int | None, temperature: float, top_p: float, top_k: int,
                   seed: int | None, stop: tuple[str, ...], logprobs: int | None, request_id: str,
-                  max_tokens_param: str = "max_new_tokens") -> EngineRequest:
+                  max_tokens_param: str = "max_new_tokens", extras: dict[str, object] | None = None,
+                  logprobs_param: str = "logprobs") -> EngineRequest:
     """The engine request, after the limits that are the API's to enforce. `max_new_tokens` None: as many as the
     model's maximum length leaves room for, up to the server's cap. The prompt itself is the engine's to check
-    (server.engine.request.check_request, at submit): a RequestError naming `prompt` is a 400 like those below."""
+    (server.engine.request.check_request, at submit): a RequestError naming `prompt` is a 400 like those below.
+    `extras`: vLLM's sampling extras the client sent (SamplingExtras.sampling_extras), by SamplingParams' names."""
     num_prompt, max_len = len(prompt_token_ids), served.max_model_len
     if max_new_tokens is None:
         # At least 1: a prompt with no room left is refused at submit, with the reason (context_length_exceeded).
@@ -53,9 +55,13 @@ def build_request(served: Served, config: ApiConfig, principal: Principal, *, pr
     if max_new_tokens > config.max_new_tokens_limit:
         raise invalid_request(f"{max_tokens_param} is {max_new_tokens}, over this server's limit of "
                               f"{config.max_new_tokens_limit}", param=max_tokens_param, code="max_tokens_exceeded")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:  # the engine checks it too, but cannot name the
+        # field as this route spells it (chat's is top_logprobs)
+        raise invalid_request(f"{logprobs_param} must be between 0 and {MAX_LOGPROBS}, got {logprobs}",
+                              param=logprobs_param)
     try:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  seed=seed)
+                                  seed=seed, **(extras or {}))
     except SamplingError as error:  # a 400 naming the field as this route spells it (OpenAI's is max_tokens)
         param = max_tokens_param if error.field == "max_new_tokens" else error.field
         raise invalid_request(str(error), param=param) from None
@@ -178,7 +184,7 @@ class TrackedStream:
         self.finish_reason = finish_reason
         self._metrics.record_finished(self.request.tenant, self.request.adapter_id, self.adapter_version,
                                       finish_reason, self.num_prompt_tokens, self.num_generated_tokens,
-                                      time.monotonic() - self._started)
+                                      time.monotonic() - self._started, self.time_to_first_token_s)
 
 
 # The engine's error kinds as HTTP: the adapter went away or is damaged since the request was pinned to it (as if

@@ -14,9 +14,10 @@ from importlib import metadata
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
-from lora_server.api.adapter_traffic import AdapterTraffic
+from lora_server.api.adapter_traffic import AdapterTraffic, LatencyCounts
 from lora_server.engine.engine import EngineStats
 from lora_server.engine.merging.control import MergeStats
 
@@ -63,18 +64,23 @@ class ApiMetrics:
             self.finished.labels(reason)
         for result in UPLOAD_RESULTS:
             self.uploads.labels(result)
-        self.adapter_traffic = AdapterTraffic(max_adapter_series)
-        registry.register(_EngineCollector(stats, num_stored_versions))
+        # The same buckets as the server-wide histograms: one adapter's quantiles compare with the server's.
+        self.adapter_traffic = AdapterTraffic(max_adapter_series, ttft_buckets=LATENCY_BUCKETS,
+                                              e2e_buckets=REQUEST_BUCKETS)
+        registry.register(_EngineCollector(stats, num_stored_versions, self.adapter_traffic.label_of))
         registry.register(_AdapterCollector(self.adapter_traffic))
 
     def record_finished(self, tenant: str, adapter_id: str | None, adapter_version: int | str | None,
                         finish_reason: str, num_prompt_tokens: int, num_generation_tokens: int,
-                        e2e_latency_s: float) -> None:
+                        e2e_latency_s: float, time_to_first_token_s: float | None) -> None:
+        """`time_to_first_token_s`: None if the request ended before its first token. The server-wide TTFT histogram
+        is observed at the first token; the adapter's, here (see AdapterTraffic.record)."""
         self.finished.labels(finish_reason).inc()
         self.prompt_tokens.inc(num_prompt_tokens)
         self.generation_tokens.inc(num_generation_tokens)
         self.e2e_latency.observe(e2e_latency_s)
-        self.adapter_traffic.record(tenant, adapter_id, adapter_version, num_prompt_tokens, num_generation_tokens)
+        self.adapter_traffic.record(tenant, adapter_id, adapter_version, num_prompt_tokens, num_generation_tokens,
+                                    time_to_first_token_s=time_to_first_token_s, e2e_latency_s=e2e_latency_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -83,9 +89,11 @@ class ApiMetrics:
 class _EngineCollector:
     """Gauges and counters from the engine's last stats snapshot."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None], num_stored_versions: Callable[[], int | None]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], num_stored_versions: Callable[[], int | None],
+                 adapter_label: Callable[[str, str | None], str]) -> None:
         self._stats = stats
         self._num_stored_versions = num_stored_versions
+        self._adapter_label = adapter_label  # (tenant, adapter id) -> the bounded label of AdapterTraffic
 
     def collect(self) -> list[Metric]:
         stats = self._stats()
@@ -104,6 +112,7 @@ class _EngineCollector:
                      stats.num_step_failures),
             _counter("engine_step_retries", "Engine steps that raised once and were run again",
                      stats.num_step_retries),
+            *self._queue_by_adapter(stats),
         ]
         stored = self._num_stored_versions()
         tiers = GaugeMetricFamily(PREFIX + "adapters", "Adapters per tier: on the device, in the host cache, being "
@@ -135,6 +144,23 @@ class _EngineCollector:
             metrics += _merge_metrics(stats.merge)
         return metrics
 
+    def _queue_by_adapter(self, stats: EngineStats) -> list[Metric]:
+        """Running and waiting requests per adapter, under the per-adapter counters' labels (so as bounded)."""
+        base = self._adapter_label("", None)
+        by_label: dict[str, list[int]] = {base: [0, 0]}  # base always: an idle server still has its series
+        for key, (running, waiting) in stats.queue_by_adapter.items():
+            counts = by_label.setdefault(base if key is None else self._adapter_label(*key), [0, 0])
+            counts[0] += running
+            counts[1] += waiting
+        families = []
+        for index, (name, what) in enumerate((("running", "admitted"), ("waiting", "queued or preempted"))):
+            family = GaugeMetricFamily(PREFIX + f"adapter_requests_{name}", f"Requests {what} per adapter (top "
+                                       "adapters by traffic; the rest summed as 'other')", labels=["adapter"])
+            for label, counts in sorted(by_label.items()):
+                family.add_metric([label], counts[index])
+            families.append(family)
+        return families
+
 
 def _merge_metrics(merge: MergeStats) -> list[Metric]:
     """Merged mode: whether an adapter is merged and which (at most one, so one series), and what switching costs."""
@@ -156,7 +182,7 @@ def _merge_metrics(merge: MergeStats) -> list[Metric]:
 
 
 class _AdapterCollector:
-    """Per-adapter requests and tokens, with bounded cardinality (see adapter_traffic.py)."""
+    """Per-adapter requests, tokens and latencies, with bounded cardinality (see adapter_traffic.py)."""
 
     def __init__(self, traffic: AdapterTraffic) -> None:
         self._traffic = traffic
@@ -169,11 +195,24 @@ class _AdapterCollector:
                                      labels=["adapter"])
         generated = CounterMetricFamily(PREFIX + "adapter_generation_tokens", "Generated tokens per adapter",
                                         labels=["adapter"])
+        ttft = HistogramMetricFamily(PREFIX + "adapter_time_to_first_token_seconds", "From submission to the first "
+                                     "generated token, per adapter (observed when the request ends)",
+                                     labels=["adapter"])
+        e2e = HistogramMetricFamily(PREFIX + "adapter_e2e_request_latency_seconds", "From submission to the last "
+                                    "token (or abort), per adapter", labels=["adapter"])
         for label, counts in self._traffic.samples():
             requests.add_metric([label], counts.requests)
             prompt.add_metric([label], counts.prompt_tokens)
             generated.add_metric([label], counts.generation_tokens)
-        return [requests, prompt, generated]
+            _add_histogram(ttft, label, counts.time_to_first_token)
+            _add_histogram(e2e, label, counts.e2e_latency)
+        return [requests, prompt, generated, ttft, e2e]
+
+
+def _add_histogram(family: HistogramMetricFamily, label: str, latencies: LatencyCounts) -> None:
+    # `le` spelled as prometheus_client's own Histogram spells it ("1.0", "+Inf"), so both kinds match one selector.
+    buckets = [(floatToGoString(bound), count) for bound, count in latencies.cumulative()]
+    family.add_metric([label], buckets, sum_value=latencies.sum)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
