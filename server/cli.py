@@ -1,13 +1,16 @@
-"""`lora-server` command line: `generate` runs a file of requests offline on the engine, with mixed adapters."""
+"""`lora-server` command line: `serve` the HTTP API, `generate` from a file of requests offline on the engine (mixed
+adapters), `merge` an adapter into a checkpoint."""
 
 import argparse
 import json
 import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from lora_server.adapters_store import AdapterError, AdapterNotFound, AdapterStore
+from lora_server.api.cli_options import HelpFormatter, add_logging_arguments, configure_logging, package_version
 from lora_server.api.serve import add_serve_parser, run_serve
 from lora_server.demo.paths import DEMO_MODEL_DIR, demo_adapter_dirs
 from lora_server.engine.build import EngineOptions, base_description, open_engine
@@ -29,9 +32,12 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-server", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="run a JSONL file of requests on the engine (mixed adapters)")
+    parser = argparse.ArgumentParser(prog="lora-server", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    gen = commands.add_parser("generate", help="run a JSONL file of requests on the engine (mixed adapters)",
+                              description="Run a JSONL file of requests on the engine; one JSON line per request on "
+                                          "stdout, and a one-line summary on stderr.", formatter_class=HelpFormatter)
     gen.add_argument("--model", type=Path, default=None,
                      help="Hugging Face checkpoint directory (default: the embedded demo model and its adapters)")
     gen.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
@@ -46,15 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--requests", type=Path, required=True,
                      help='JSONL: {"prompt": str} or {"prompt_token_ids": [int]}, plus "adapter", "max_new_tokens", '
                           '"temperature", "top_p", "top_k", "seed", "stop"')
-    add_merge_parser(commands)
+    add_logging_arguments(gen)
     add_serve_parser(commands)
+    add_merge_parser(commands)
+    commands.add_parser("serve-cluster", add_help=False,  # parses its own flags: serve's plus the cluster's
+                        help="serve on Ray Serve: engine replicas over one shared adapter repository (CLUSTER.md)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve-cluster"]:
+        from lora_server.cluster.command import run_serve_cluster  # imports Ray: the optional `cluster` extra
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        sys.exit(run_serve_cluster(argv[1:]))
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    configure_logging(args.log_level, args.log_format)
     try:
         if args.command == "serve":
             sys.exit(run_serve(args))
@@ -98,7 +112,9 @@ def run_generate(args: argparse.Namespace) -> None:
                     prepared.append(engine.prepare(request))
                 except RequestError as error:
                     raise CliError(f"{args.requests}, {request.request_id}: {error}") from None
+            started = time.monotonic()
             completions = engine.generate(prepared)
+            elapsed_s = time.monotonic() - started
         finally:
             engine.close()
     for completion in completions:
@@ -106,6 +122,13 @@ def run_generate(args: argparse.Namespace) -> None:
             raise CliError(f"request {completion.request_id}: {completion.error}")
         line = {"token_ids": completion.token_ids, "text": completion.text, "finish_reason": completion.finish_reason}
         print(json.dumps(line), flush=True)
+    print(generate_summary(len(completions), sum(len(c.token_ids) for c in completions), elapsed_s), file=sys.stderr)
+
+
+def generate_summary(num_requests: int, num_tokens: int, elapsed_s: float) -> str:
+    rate = num_tokens / elapsed_s if elapsed_s > 0 else 0.0
+    return f"lora-server generate: {num_requests} requests, {num_tokens} tokens generated in {elapsed_s:.2f} s " \
+           f"({rate:.1f} tokens/s)"
 
 
 def read_adapter_dir(path: Path) -> dict[str, bytes]:

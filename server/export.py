@@ -12,14 +12,17 @@ generation_config.json and the tokenizer files, so transformers' from_pretrained
 import argparse
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from lora_server.adapters_store import full_module_name, load_peft_adapter
+from lora_server.api.cli_options import HelpFormatter, add_logging_arguments
 from lora_server.engine.build import describe_base_model
 from lora_server.model.config import PACKED_MODULES
 from lora_server.model.llama import LlamaModel
@@ -39,7 +42,8 @@ class ExportError(ValueError):
 
 
 def add_merge_parser(subcommands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    merge = subcommands.add_parser("merge", help="write a Hugging Face checkpoint with an adapter merged in")
+    merge = subcommands.add_parser("merge", help="write a Hugging Face checkpoint with an adapter merged in",
+                                   description=__doc__, formatter_class=HelpFormatter)
     merge.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory of the base")
     merge.add_argument("--adapter", type=Path, required=True, help="PEFT adapter directory")
     merge.add_argument("--out", type=Path, required=True, help="new directory for the merged checkpoint")
@@ -48,6 +52,7 @@ def add_merge_parser(subcommands: argparse._SubParsersAction) -> argparse.Argume
     merge.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                        help="dtype of the written weights (auto: the base checkpoint's); with nf4, also the dtype the "
                             "base is quantized from")
+    add_logging_arguments(merge)
     return merge
 
 
@@ -83,8 +88,19 @@ def export_merged(model_dir: Path, adapter_dir: Path, out_dir: Path, quantize: s
     for name in COPIED_FILES:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out_dir / name)
+    _ordinary_permissions(out_dir)
     logger.info("wrote %s: %s with %s merged (%d modules%s), %.1f MB of %s weights", out_dir, model_dir, adapter_dir,
                 len(adapter.modules), ", NF4 base" if quantize == "nf4" else "", num_bytes / 1e6, dtype_name)
+
+
+def _ordinary_permissions(out_dir: Path) -> None:
+    """Every written file 0666 less the umask (0644 under the usual 022), as `open` would create it: safetensors
+    writes its files 0600, which other users (a serving account, a container) then cannot read."""
+    umask = os.umask(0o022)  # reading the umask means setting it: restored at once (a CLI, single-threaded here)
+    os.umask(umask)
+    for path in out_dir.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _output_dtype(dtype: str, checkpoint_dtype: str) -> torch.dtype:
@@ -98,7 +114,8 @@ def _merged_tensors(model: LlamaModel, modules: dict, out_dtype: torch.dtype) ->
     """(Hugging Face name, tensor in out_dtype) for every weight of the checkpoint, one layer at a time. Slices of
     packed weights are copies: safetensors refuses tensors that share storage."""
     yield "model.embed_tokens.weight", model.embed_tokens.weight.to(out_dtype)
-    for index, layer in enumerate(model.layers):
+    # disable=None: a bar on a terminal, nothing in a log file
+    for index, layer in enumerate(tqdm(model.layers, desc="merging", unit="layer", disable=None)):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             yield f"model.layers.{index}.{norm}.weight", getattr(layer, norm).weight.to(out_dtype)
         for packed, slices in model.packed_slices(index, modules).items():

@@ -8,7 +8,15 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 
-from lora_server.api import routes_adapters, routes_combine, routes_generate, routes_merge, routes_openai, routes_ops
+from lora_server.api import (
+    routes_adapters,
+    routes_combine,
+    routes_generate,
+    routes_merge,
+    routes_openai,
+    routes_ops,
+    routes_vllm,
+)
 from lora_server.api.auth import ApiKeys
 from lora_server.api.config import ApiConfig
 from lora_server.api.errors import INVALID_REQUEST, ApiError, error_response, install_error_handlers
@@ -35,8 +43,8 @@ def create_app(config: ApiConfig, keys: ApiKeys | None, loader: Loader,
             state.close()
 
     # The fixed paths (/v1/adapters/combine) before /v1/adapters/{adapter_id}, so the `route` label names them.
-    routers = [module.router for module in (routes_ops, routes_generate, routes_openai, routes_combine, routes_merge,
-                                            routes_adapters)]
+    routers = [module.router for module in (routes_ops, routes_generate, routes_openai, routes_vllm, routes_combine,
+                                            routes_merge, routes_adapters)]
     route_patterns = [(route.path_regex, route.path) for router in routers for route in router.routes]
     app = FastAPI(title="lora-server", summary="Multi-LoRA inference: one base model, many adapters per batch",
                   lifespan=lifespan, middleware=[Middleware(AccountingMiddleware, state=state, routes=route_patterns),

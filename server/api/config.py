@@ -1,6 +1,7 @@
 """The HTTP layer's limits and knobs: one frozen dataclass, validated at construction."""
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 MiB = 1 << 20
 
@@ -22,9 +23,13 @@ class ApiConfig:
     health_stall_s: float = 60.0  # /health turns red when the engine loop has made no progress for this long
     retry_after_s: int = 1  # the Retry-After of a 429 (queue full)
     metrics_top_adapters: int = 20  # adapters with their own metric series; the rest are summed as "other"
+    # POST /v1/load_lora_adapter reads adapters only from under these directories (resolved); empty: the route is 403
+    adapter_dirs_allowed: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         for field in fields(self):
+            if field.name == "adapter_dirs_allowed":
+                continue
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"{field.name} must be a positive number, got {value!r}")

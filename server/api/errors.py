@@ -17,7 +17,10 @@ from lora_server.engine.merging.control import MergeRefused
 from lora_server.engine.request import EngineStoppedError, QueueFullError, RequestError
 from lora_server.engine.sampler import SamplingError
 
-OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+# The routes whose clients expect OpenAI's error shape: OpenAI's own, and vLLM's (whose clients parse the same shape)
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
+                "/v1/unload_lora_adapter", "/tokenize", "/detokenize", "/version")
+OPENAI_PATH_PREFIXES = ("/v1/models/",)
 
 # error types, by status
 INVALID_REQUEST = "invalid_request_error"  # 400
@@ -84,8 +87,12 @@ def api_error_from(exc: BaseException, retry_after_s: int = 1) -> ApiError | Non
     return None
 
 
+def is_openai_path(path: str) -> bool:
+    return path in OPENAI_PATHS or path.startswith(OPENAI_PATH_PREFIXES)
+
+
 def error_body(path: str, error: ApiError) -> dict:
-    if path in OPENAI_PATHS:
+    if is_openai_path(path):
         return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
     return {"error": {"type": error.type, "message": error.message}}
 
@@ -131,9 +138,18 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     for item in exc.errors():
         loc = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path", "form")]
         where = ".".join(loc) or "body"
-        if not loc and item.get("type") == "model_attributes_type":
+        kind = item.get("type")
+        if not loc and kind == "model_attributes_type":
             parts.append("the body must be a JSON object, sent with Content-Type: application/json")
             continue
+        if kind == "json_invalid":  # its loc is ("body", character position): no parameter is at fault
+            error = (item.get("ctx") or {}).get("error", "invalid")
+            parts.append(f"the body is not valid JSON: {error} (at character {loc[0] if loc else 0})")
+            continue
         first_param = first_param or (where if loc else None)
+        if kind == "extra_forbidden":
+            parts.append(f"{where}: unknown field: this server does not implement it, and refuses it rather than "
+                         "ignore it")
+            continue
         parts.append(f"{where}: {item.get('msg', 'invalid')}")
     return invalid_request("; ".join(parts) or "invalid request", param=first_param)

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from lora_server.adapters_store.upload import ID_PATTERN
 from lora_server.api.config import ApiConfig
-from lora_server.api.errors import OPENAI_PATHS
+from lora_server.api.errors import is_openai_path
 from lora_server.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from lora_server.api.path_ids import ADAPTER_ID_PARAM
 from lora_server.api.schemas import ID_DESCRIPTION
@@ -39,6 +39,11 @@ ERROR_STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/adapters/combine"): (400, 403, 404, 409),
     ("post", "/v1/adapters/{adapter_id}/merge"): (400, 403, 404, 409),
     ("delete", "/v1/adapters/{adapter_id}/merge"): (400, 403, 404, 409),
+    ("post", "/v1/load_lora_adapter"): (400, 403, 409),
+    ("post", "/v1/unload_lora_adapter"): (400, 403, 404),
+    ("post", "/tokenize"): (400,),
+    ("post", "/detokenize"): (400,),
+    ("get", "/version"): (),
 }
 # GateMiddleware's refusals, before any route runs: a body over the limit (413; also an adapter file, or a combined
 # adapter, over the store's), a body that does not arrive in time (408), draining or still loading (503).
@@ -109,7 +114,7 @@ def true_openapi(document: dict, config: ApiConfig, has_keys: bool) -> dict:
                 operation["security"] = []
             else:
                 statuses |= set(GATE_STATUSES) | ({401} if has_keys else set())
-            error_ref = {"$ref": "#/components/schemas/" + ("OpenAIError" if path in OPENAI_PATHS else "Error")}
+            error_ref = {"$ref": "#/components/schemas/" + ("OpenAIError" if is_openai_path(path) else "Error")}
             for status in sorted(statuses):
                 responses[str(status)] = {"description": WHEN.get(status, HTTPStatus(status).phrase),
                                           "content": {"application/json": {"schema": error_ref}}}

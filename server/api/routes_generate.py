@@ -33,7 +33,7 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep,
         max_new_tokens=state.config.default_max_new_tokens if body.max_new_tokens is None else body.max_new_tokens,
         temperature=body.temperature,
         top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=tuple(body.stop), logprobs=body.logprobs,
-        request_id=new_id("gen"))
+        request_id=new_id("gen"), extras=body.sampling_extras())
     tracked = TrackedStream(served, state.metrics, engine_request)
     try:
         head = await until_disconnected(request, tracked.until_first_token())

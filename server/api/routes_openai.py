@@ -160,7 +160,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     engine_request = _engine_request(served, state, principal, body, adapter_id, prompt_ids, body.requested_max_tokens,
                                      num_top if body.logprobs else None, response_id,
                                      max_tokens_param="max_completion_tokens" if body.max_completion_tokens
-                                     is not None else "max_tokens")
+                                     is not None else "max_tokens", logprobs_param="top_logprobs")
     streams = _submit(served, state, body.model, [engine_request])
     stream, decode = streams[0], served.tokenizer.decode
 
@@ -200,13 +200,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 def _engine_request(served: Served, state: ServerState, principal: Principal,
                     body: CompletionRequest | ChatCompletionRequest, adapter_id: str | None, prompt_ids: list[int],
                     max_tokens: int | None, logprobs: int | None, request_id: str,
-                    max_tokens_param: str = "max_tokens") -> EngineRequest:
+                    max_tokens_param: str = "max_tokens", logprobs_param: str = "logprobs") -> EngineRequest:
     return build_request(
         served, state.config, principal, prompt_token_ids=prompt_ids, adapter_id=adapter_id,
         max_new_tokens=max_tokens,
         temperature=OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
-        stop=body.stop_list, logprobs=logprobs, request_id=request_id, max_tokens_param=max_tokens_param)
+        stop=body.stop_list, logprobs=logprobs, request_id=request_id, max_tokens_param=max_tokens_param,
+        extras=body.sampling_extras(), logprobs_param=logprobs_param)
 
 
 async def _collect_all(request: Request, streams: list[TrackedStream]) -> list:

@@ -10,7 +10,16 @@ id are `AdapterIdText`: its schema documents the store's one id rule, which the 
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from lora_server.adapters_store.upload import ID_PATTERN, ID_RULE, ROUTE_WORDS
@@ -45,7 +54,37 @@ ONE_PROMPT_SCHEMA = {"oneOf": [
 ]}
 
 
-class GenerateRequest(BaseModel):
+class SamplingExtras(BaseModel):
+    """vLLM's sampling extras, on the native route and both OpenAI routes, passed to the engine's SamplingParams by
+    these same names (whose ranges it checks). None: not sent, so SamplingParams' own default applies."""
+
+    repetition_penalty: float | None = Field(default=None, description="1: off; above 1 discourages tokens already "
+                                                                       "in the prompt or output")
+    presence_penalty: float | None = Field(default=None, description="0: off; subtracted once from every token "
+                                                                     "already generated")
+    frequency_penalty: float | None = Field(default=None, description="0: off; subtracted per occurrence of a token "
+                                                                      "already generated")
+    min_p: float | None = Field(default=None, description="0: off; drop tokens below min_p x the top probability")
+    min_tokens: StrictInt | None = Field(default=None, description="no EOS or stop before this many tokens")
+    ignore_eos: StrictBool | None = Field(default=None, description="keep generating past EOS")
+    stop_token_ids: list[StrictInt] | None = Field(default=None, description="generation ends at any of these "
+                                                                             "token ids")
+    include_stop_str_in_output: StrictBool | None = Field(default=None, description="keep the stop string in the "
+                                                                                    "text")
+
+    def sampling_extras(self) -> dict[str, object]:
+        """The extras the client sent, as SamplingParams' keyword arguments."""
+        extras: dict[str, object] = {name: getattr(self, name) for name in SAMPLING_EXTRAS
+                                     if getattr(self, name) is not None}
+        if "stop_token_ids" in extras:
+            extras["stop_token_ids"] = tuple(extras["stop_token_ids"])  # SamplingParams is frozen: a tuple
+        return extras
+
+
+SAMPLING_EXTRAS = tuple(SamplingExtras.model_fields)
+
+
+class GenerateRequest(SamplingExtras):
     # extra="forbid": a misspelt field is an error, not a silently ignored default
     model_config = ConfigDict(extra="forbid", json_schema_extra=ONE_PROMPT_SCHEMA)
 

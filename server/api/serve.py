@@ -27,8 +27,16 @@ import uvicorn
 from prometheus_client import disable_created_metrics
 
 from lora_server.adapters_store import StoreLimits
+from lora_server.api.adapter_dirs import parse_lora_module
 from lora_server.api.app import create_app
 from lora_server.api.auth import DEFAULT_TENANT, ApiKeys, ApiKeysError
+from lora_server.api.cli_options import (
+    PROBE_PATHS,
+    HelpFormatter,
+    add_logging_arguments,
+    configure_logging,
+    skip_access_log_paths,
+)
 from lora_server.api.config import ApiConfig
 from lora_server.api.header_timeout import with_header_timeout
 from lora_server.api.loading import ServeTarget, open_served
@@ -59,7 +67,7 @@ def byte_size(text: str) -> int:
 
 def add_serve_parser(subcommands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subcommands.add_parser("serve", help="serve the HTTP API (OpenAI-compatible routes, adapter uploads)",
-                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                    description=__doc__, formatter_class=HelpFormatter)
     add_serve_arguments(parser)
     return parser
 
@@ -85,11 +93,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--adapter-host-bytes", type=byte_size, default=2 << 30, help="host cache of parsed adapters")
     add_merge_arguments(parser)
 
+    adapters = parser.add_argument_group("adapters from directories (as vLLM's flags)")
+    adapters.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                          help="store each adapter directory at startup as adapter NAME (for every tenant), validated "
+                               "as an upload is; a restart with the same files adds no version")
+    adapters.add_argument("--adapter-dirs-allowed", nargs="+", action="extend", type=Path, default=[], metavar="DIR",
+                          help="POST /v1/load_lora_adapter (and /v1/unload_lora_adapter) are allowed, for admin keys, "
+                               "with adapters under these directories (default: none, both routes are 403)")
+
     http = parser.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1")
     http.add_argument("--port", type=int, default=8000)
     http.add_argument("--store", type=Path, default=None,
                       help=f"adapter store directory (default: {default_store_dir()})")
+    http.add_argument("--adapter-repository", type=Path, default=None,
+                      help="a shared adapter repository (a directory on a shared filesystem) that several servers "
+                           "read and upload to; --store is then this server's cache of it (see deploy/CLUSTER.md)")
     http.add_argument("--api-keys", type=Path, default=None,
                       help='JSON {"keys": [{"key", "tenant", "role": "admin"|"user"}]}; without it the server is open')
     http.add_argument("--max-pending", type=int, default=1024,
@@ -117,6 +136,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--metrics-top-adapters", type=int, default=defaults.metrics_top_adapters,
                       help="adapters with their own metric series (the rest are summed as 'other')")
     http.add_argument("--no-access-log", action="store_true")
+    http.add_argument("--access-log-skip", nargs="*", default=list(PROBE_PATHS), metavar="PATH",
+                      help="paths whose requests the access log leaves out (give none to log every request)")
+    add_logging_arguments(parser)
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,7 +183,9 @@ def run_serve(args: argparse.Namespace) -> int:
                            default_max_new_tokens=args.default_max_new_tokens, drain_timeout_s=args.drain_timeout,
                            max_prompts_per_request=args.max_prompts_per_request,
                            health_stall_s=args.health_stall_seconds, metrics_top_adapters=args.metrics_top_adapters,
-                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
+                           header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                           # resolved once: the routes compare resolved paths against them
+                           adapter_dirs_allowed=tuple(d.resolve() for d in args.adapter_dirs_allowed))
         keys = None if args.api_keys is None else ApiKeys.load(args.api_keys)
         options = engine_options(args)
         store_limits = StoreLimits(max_file_bytes=args.max_upload_bytes, max_rank=args.max_lora_rank)
@@ -169,6 +193,13 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError("--max-pending and --max-pending-per-tenant must be positive")
         if args.model is not None and not (args.model / "config.json").is_file():
             raise ValueError(f"--model {args.model}: not a checkpoint directory (it has no config.json)")
+        lora_modules = tuple(parse_lora_module(spec) for spec in args.lora_modules)
+        for name, path in lora_modules:
+            if not path.is_dir():
+                raise ValueError(f"--lora-modules {name}={path}: not a directory")
+        for directory in args.adapter_dirs_allowed:
+            if not directory.is_dir():
+                raise ValueError(f"--adapter-dirs-allowed {directory}: not a directory")
     except (ValueError, ApiKeysError) as error:
         logger.error("%s", error)
         return 2
@@ -178,10 +209,12 @@ def run_serve(args: argparse.Namespace) -> int:
     else:
         logger.info("API keys for tenants %s", keys.tenants)
     target = ServeTarget(model_dir=args.model, model_name=args.served_model_name,
-                         store_dir=args.store or default_store_dir(), engine_options=options,
+                         store_dir=args.store or default_store_dir(), repository_dir=args.adapter_repository,
+                         engine_options=options,
                          store_limits=store_limits, max_pending=args.max_pending,
                          max_pending_per_tenant=args.max_pending_per_tenant,
-                         tenants=tuple(keys.tenants) if keys else (DEFAULT_TENANT,))
+                         tenants=tuple(keys.tenants) if keys else (DEFAULT_TENANT,), lora_modules=lora_modules)
+    skip_access_log_paths(args.access_log_skip)
 
     disable_created_metrics()  # no `_created` twin for every counter: half the lines, nothing Prometheus needs
     failure: list[BaseException] = []
@@ -244,11 +277,10 @@ class DrainingServer(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lora_server.api.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    configure_logging(args.log_level, args.log_format)
     sys.exit(run_serve(args))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from lora_server.model.config import ModelConfig, ModelConfigError
 from lora_server.model.llama import PACKED_MODULES, LlamaModel
@@ -56,9 +57,17 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) 
         layer.self_attn.rotary.reset_parameters()
 
     unfilled = _parameter_names(model)
-    for path, names in _checkpoint_files(model_dir).items():
+    files = _checkpoint_files(model_dir)
+    # disable=None: a bar on a terminal, nothing in a log file. Counted in tensors, so one big shard moves too.
+    bar = tqdm(total=sum(len(names or ()) for names in files.values()), desc=f"loading {model_dir.name}",
+               unit="tensor", disable=None)
+    for path, names in files.items():
         with safe_open(path, framework="pt", device="cpu") as checkpoint:
-            for name in names if names is not None else checkpoint.keys():
+            names = names if names is not None else list(checkpoint.keys())
+            if path.name == SINGLE_FILE:
+                bar.total = len(names)
+            for name in names:
+                bar.update()
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # older checkpoints save this buffer; we compute it
                 target = _target_for(model, name)
@@ -70,6 +79,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) 
                                            f"expected {tuple(target.shape)}")
                 target.copy_(tensor)
                 unfilled.discard(_parameter_name(name))
+    bar.close()
     if unfilled:
         raise ModelConfigError(f"checkpoint lacks tensors for: {', '.join(sorted(unfilled)[:8])}")
     logger.info("loaded %s (%d layers) from %s on %s as %s", config.architecture, config.num_layers, model_dir,

@@ -102,7 +102,7 @@ def test_unknown_model_is_404_in_openais_shape(client, acme):
 
 
 @pytest.mark.parametrize("fields, param", [({"n": 2}, "n"), ({"echo": True}, "echo"),
-                                           ({"presence_penalty": 0.5}, "presence_penalty")])
+                                           ({"logit_bias": {"1": 5.0}}, "logit_bias")])
 def test_unsupported_parameters_are_refused_not_ignored(client, fields, param):
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model=BASE, prompt="x => ", **fields)

@@ -28,7 +28,11 @@ MAX_NEW_TOKENS = 8
 MAX_PROMPTS = 4
 ADMIN_OPERATIONS = {("post", "/v1/adapters"), ("put", "/v1/adapters/{adapter_id}"),
                     ("delete", "/v1/adapters/{adapter_id}"), ("post", "/v1/adapters/combine"),
-                    ("post", "/v1/adapters/{adapter_id}/merge"), ("delete", "/v1/adapters/{adapter_id}/merge")}
+                    ("post", "/v1/adapters/{adapter_id}/merge"), ("delete", "/v1/adapters/{adapter_id}/merge"),
+                    ("post", "/v1/load_lora_adapter"), ("post", "/v1/unload_lora_adapter")}
+# The routes that answer OpenAI's error shape: OpenAI's own, and vLLM's
+OPENAI_SHAPED = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model}", "/v1/load_lora_adapter",
+                 "/v1/unload_lora_adapter", "/tokenize", "/detokenize", "/version"}
 GENERATION = {("post", "/v1/generate"), ("post", "/v1/completions"), ("post", "/v1/chat/completions")}
 PUBLIC = {("get", "/health"), ("get", "/ready"), ("get", "/metrics")}
 AUTH = {"Authorization": f"Bearer {ACME_ADMIN}"}
@@ -64,10 +68,11 @@ def test_each_operation_documents_its_real_error_statuses_with_the_error_body():
         if key in PUBLIC:
             assert 401 not in statuses and operation["security"] == [], key
         else:
-            assert {400 if key not in {("get", "/v1/models")} else 503, 401, 413, 503} <= statuses, key
+            no_body = key in {("get", "/v1/models"), ("get", "/version")}  # nothing a client sends can be invalid
+            assert {503 if no_body else 400, 401, 413, 503} <= statuses, key
         assert (403 in statuses) == (key in ADMIN_OPERATIONS), key
         assert (429 in statuses) == (key in GENERATION), key
-        openai = key[1] in ("/v1/completions", "/v1/chat/completions", "/v1/models")
+        openai = key[1] in OPENAI_SHAPED
         for status in statuses:
             schema = responses[str(status)]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/" + ("OpenAIError" if openai else "Error")}, key
