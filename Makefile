@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-offline test lint clean
+.PHONY: demo demo-offline test gpu-check lint clean
 
 $(BIN)/.installed: pyproject.toml
 	@# With CUDA, keep the machine's own torch (system site packages); without, install the CPU build pinned
@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	else \
 		$(PYTHON) -m venv $(VENV) && $(BIN)/pip install --quiet torch==2.13.0; \
 	fi
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,cluster]'
 	touch $@
 
 # The HTTP server on the embedded demo (http://127.0.0.1:8000, open, the demo adapters registered); Ctrl-C drains.
@@ -27,6 +27,14 @@ demo-offline: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# On a machine with CUDA: the GPU's tests and benchmarks in one bounded run (server/gpu_check.py), results in
+# gpu-check-results.md. Offline on purpose: a lent GPU machine has torch, triton, transformers and peft but no package
+# index, so only this package is installed (no dependencies) into the Python that has CUDA.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-index --no-build-isolation -e .
+	$(GPU_PYTHON) -m lora_server.gpu_check --out gpu-check-results.md
 
 clean:
 	rm -rf $(VENV)
