@@ -37,7 +37,8 @@ def dashboard_exprs() -> list[tuple[str, str]]:
 
 def as_query(expr: str) -> str:
     """Grafana's variables as Grafana would fill them: every instance, a rate window of many scrape intervals."""
-    return expr.replace("$__rate_interval", "30s").replace("${instance:regex}", ".*").replace("$instance", ".*")
+    return (expr.replace("$__rate_interval", "30s").replace("${instance:regex}", ".*").replace("$instance", ".*")
+            .replace("$replica", ".*"))
 
 
 @needs_prometheus
@@ -236,15 +237,17 @@ def _wait(condition, what: str, root: Path | None = None, detail=lambda: "") -> 
 
 
 def test_dashboard_imports_into_an_existing_grafana():
-    # A datasource variable (not a hard-coded uid) and an instance variable that every query is scoped by.
+    # A datasource variable (not a hard-coded uid), and instance and replica variables (a cluster's ingress is one
+    # target whose replicas differ by the `replica` label, see server/cluster) that every query is scoped by.
     dashboard = json.loads(DASHBOARD.read_text())
     variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     assert variables["instance"]["includeAll"] and variables["instance"]["datasource"]["uid"] == "${datasource}"
+    assert variables["replica"]["includeAll"] and variables["replica"]["allValue"] == ".*"  # also series without it
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
     for title, expr in dashboard_exprs():
         names = re.findall(r"lora_server_\w+(\{[^}]*\})?", expr)
-        assert names and all('instance=~"$instance"' in labels for labels in names), (title, expr)
+        assert names and all('instance=~"$instance", replica=~"$replica"' in labels for labels in names), (title, expr)
     titles = " ".join(panel["title"] for panel in dashboard["panels"]).lower()
     assert "residency" in titles
