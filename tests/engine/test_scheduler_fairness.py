@@ -268,3 +268,22 @@ def test_random_multi_tenant_workloads_finish_without_leaks_or_starved_tenants(w
         # roomy workloads always have when the slots are full), and at least one such tenant is admitted every step,
         # the one admitted least recently first. So each other tenant goes ahead of it at most once.
         assert watch.longest <= num_tenants - 1
+
+
+def test_a_stopped_cold_request_does_not_stop_the_preempted_holder_of_its_room():
+    """Found by the property test above: one adapter slot, max_overtakes 0. Tenant t1's request runs on adapter b
+    (holding the slot), is preempted for lack of KV blocks and keeps its hold, as preemption does. Tenant t0's next
+    request wants adapter a: cold, since b holds the only slot, and never to be overtaken. If admission stopped at it
+    for everyone, b's holder would never run again to free the slot: every request must still finish."""
+    cfg = SchedulerConfig(num_blocks=4, max_model_len=8, block_size=2, max_num_batched_tokens=4, max_num_seqs=4,
+                          max_overtakes=0)
+    residency = FakeResidency(num_slots=1, load_steps={"b": 2})
+    spec = [(0, "t0", None, 1), (1, "t0", None, 1), (2, "t1", None, 5), (3, "t0", "a", 1), (4, "t0", None, 1),
+            (5, "t0", None, 1), (6, "t1", "b", 3)]  # (seq_id, tenant, adapter, max_new_tokens), one-token prompts
+    seqs = [Sequence(seq_id=i, prompt_token_ids=[0], max_new_tokens=n, eos_token_ids=frozenset(),
+                     adapter=pinned(adapter, tenant), tenant=tenant) for i, tenant, adapter, n in spec]
+    scheduler = Scheduler(cfg, residency)
+    drive(scheduler, residency, seqs, {seq.seq_id: 0 for seq in seqs}, {})
+    assert all(seq.is_finished for seq in seqs)
+    assert seqs[6].num_preemptions >= 1, "the scenario needs the holder of the slot preempted"
+    assert all(seq.num_times_overtaken <= cfg.max_overtakes for seq in seqs)

@@ -23,7 +23,8 @@ Policies:
   that does not fit stops admission. A request whose adapter is neither resident nor placeable within the device
   budget is skipped (its adapter is prefetched once) and those after it in admission order may be admitted, from
   its tenant or another; each such admission counts as one overtake, and once it has been overtaken
-  `max_overtakes` times admission stops at it until it is admitted. A request whose adapter can be made resident
+  `max_overtakes` times admission stops at it until it is admitted, except for requests that already hold their
+  adapter (preempted ones: the room it waits for may be theirs). A request whose adapter can be made resident
   is admitted at once (its hold starts the load) and runs when the load completes; a failed load finishes it alone
   with "error".
 - A new tenant gets in at once: while max_num_seqs sequences are admitted, a tenant with requests waiting and nothing
@@ -235,17 +236,22 @@ class Scheduler:
         """Admit waiting requests in admission order, scheduling the first chunk of those whose adapter is ready;
         the tokens scheduled."""
         config, used, skipped = self.config, 0, []
+        stopped = False  # admission stopped at a request overtaken max_overtakes times, waiting for its adapter
         for seq in self._admission_order():
             if len(self.running) >= config.max_num_seqs:
                 break
+            if stopped and seq.seq_id not in self._holds:
+                # Why requests that hold their adapter still go (preempted ones keep their hold): the device room
+                # the stopped request waits for may be theirs, so stopping them too would wait forever.
+                continue
             num_tokens = min(seq.num_uncomputed_tokens, config.chunk_limit, budget - used)
             if num_tokens == 0 or not self.block_manager.can_allocate(seq, num_tokens):
                 break  # first come, first served on memory and budget
             state = self._claim_adapter(seq)
             if state == "cold":
                 skipped.append(seq)
-                if seq.num_times_overtaken >= config.max_overtakes:
-                    break  # why: it has waited long enough; nobody else goes first
+                # why: it has waited long enough; nobody else goes first (but those holding their adapter, above)
+                stopped = stopped or seq.num_times_overtaken >= config.max_overtakes
                 continue
             if state == "failed":
                 continue  # _claim_adapter finished it
@@ -255,10 +261,10 @@ class Scheduler:
             self._last_admitted[seq.tenant], self._num_admitted = self._num_admitted, self._num_admitted + 1
             if state == "ready":
                 used += self._schedule_chunk(seq, num_tokens, chunks, scheduled)
-            for overtaken in skipped:
-                overtaken.num_times_overtaken += 1
-            if any(s.num_times_overtaken >= config.max_overtakes for s in skipped):
-                break
+            if not stopped:
+                for overtaken in skipped:
+                    overtaken.num_times_overtaken += 1
+                stopped = any(s.num_times_overtaken >= config.max_overtakes for s in skipped)
         return used
 
     def _admission_order(self) -> Iterator[Sequence]:
