@@ -64,20 +64,12 @@ class LoraBatch:
     # The same on the host (CPU): what the compiled forward hands to the LoRA custom ops, which rebuild the batch
     # from it (see kernels.lora_ops).
     host_table: torch.Tensor  # [3, num_segments]
+    # device_table's rows, as views made once per batch (every layer's launch reads them).
+    segment_slots: torch.Tensor  # [num_segments]: the slot of each run
+    segment_starts: torch.Tensor  # [num_segments]: its first row in x and out
+    segment_lens: torch.Tensor  # [num_segments]: its number of rows
     # split_runs' results by gather limit: computed by the first layer that asks, reused by every other.
     _splits: dict[int, RunSplit] = field(default_factory=dict, repr=False)
-
-    @property
-    def segment_slots(self) -> torch.Tensor:  # [num_segments] int32 on the device: the slot of each run
-        return self.device_table[0]
-
-    @property
-    def segment_starts(self) -> torch.Tensor:  # [num_segments] int32: its first row in x and out
-        return self.device_table[1]
-
-    @property
-    def segment_lens(self) -> torch.Tensor:  # [num_segments] int32: its number of rows
-        return self.device_table[2]
 
     @property
     def has_lora(self) -> bool:
@@ -126,6 +118,9 @@ class LoraBatch:
             max_segment_len=max((s.num_tokens for s in segments), default=0),
             device_table=device_table,
             host_table=host_table,
+            segment_slots=device_table[0],
+            segment_starts=device_table[1],
+            segment_lens=device_table[2],
         )
 
     def split_runs(self, max_gathered_len: int) -> RunSplit:

@@ -76,7 +76,7 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                         context_lens: torch.Tensor, block_size: int, sliding_window: int | None) -> torch.Tensor:
     """q [num_rows, num_heads, head_dim]; k_cache/v_cache [num_entries, num_kv_heads, head_dim] (one layer);
-    block_tables [num_rows, max_blocks] int32; context_lens [num_rows] int32 (each >= 1) -> [num_rows, num_heads,
+    block_tables [num_rows, max_blocks] and context_lens [num_rows] (each >= 1), int32 or int64 -> [num_rows, num_heads,
     head_dim] in q's dtype."""
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.25  # the idle loop wakes this often, so /health can tell an idle engine from a hung one
 ADAPTER_WAIT_S = 0.002  # nothing could run (adapter loads in flight): look again this soon
+QUEUE_COUNT_S = 1.0  # the per-adapter queue in the stats snapshot is counted this often (scrapes are seconds apart)
 
 
 class RequestStream:
@@ -82,6 +83,7 @@ class AsyncEngine:
         self._stopping = False
         self._heartbeat = time.monotonic()
         self._stats = engine.stats()
+        self._queue_counted_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
 
     # ---------------------------------------------------------------- the API's side (event loop thread)
@@ -219,8 +221,12 @@ class AsyncEngine:
                 if engine.num_steps == steps_before and not deltas:
                     with self._lock:
                         self._lock.wait(ADAPTER_WAIT_S)
-            self._stats = engine.stats()
-            self._heartbeat = time.monotonic()
+            now = time.monotonic()
+            if now - self._queue_counted_at >= QUEUE_COUNT_S:
+                self._stats, self._queue_counted_at = engine.stats(), now
+            else:  # the O(1) numbers every step; the per-adapter queue as last counted
+                self._stats = engine.stats(queue_by_adapter=self._stats.queue_by_adapter)
+            self._heartbeat = now
             self._dispatch(deltas)
 
     def _has_work(self) -> bool:

@@ -20,6 +20,7 @@ before its requests end with an error, since a fault that cannot be pinned on on
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -296,7 +297,9 @@ class Engine:
 
     # ---------------------------------------------------------------- observation
 
-    def stats(self) -> EngineStats:
+    def stats(self, queue_by_adapter: dict[tuple[str, str] | None, tuple[int, int]] | None = None) -> EngineStats:
+        """`queue_by_adapter`: an earlier count to carry over instead of counting now (a walk over every running and
+        waiting request, which the async engine does at most once a second rather than every step)."""
         blocks = self.scheduler.block_manager
         return EngineStats(
             num_running=len(self.scheduler.running),
@@ -311,14 +314,13 @@ class Engine:
             num_step_retries=self.num_step_retries,
             residency=self.residency.counters() if self.residency is not None else None,
             merge=self.merge.stats() if self.merge is not None else None,
-            queue_by_adapter=self._queue_by_adapter(),
+            queue_by_adapter=self._queue_by_adapter() if queue_by_adapter is None else queue_by_adapter,
         )
 
     def _queue_by_adapter(self) -> dict[tuple[str, str] | None, tuple[int, int]]:
-        queue: dict[tuple[str, str] | None, tuple[int, int]] = {}
-        for waiting, seqs in ((0, self.scheduler.running), (1, self.scheduler.waiting)):
-            for seq in seqs:
-                key = None if seq.adapter_id is None else (seq.tenant, seq.adapter_id)
-                counts = queue.get(key, (0, 0))
-                queue[key] = (counts[0] + 1 - waiting, counts[1] + waiting)
-        return queue
+        def lineage(seq: Sequence) -> tuple[str, str] | None:
+            return None if seq.adapter_id is None else (seq.tenant, seq.adapter_id)
+
+        running = Counter(map(lineage, self.scheduler.running))
+        waiting = Counter(map(lineage, self.scheduler.waiting))
+        return {key: (running[key], waiting[key]) for key in running.keys() | waiting.keys()}

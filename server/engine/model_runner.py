@@ -44,7 +44,6 @@ class ModelRunner:
                  lora_batches: Callable[[list[int]], LoraBatches] | None = None, compile_decode: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.block_size = kv_cache.block_size
         self.device = model.embed_tokens.weight.device
         # Per-token slots -> the LoRA batches of a forward pass (MergeControl's, which compensate while merged).
         self.lora_batches = lora_batches or (lambda token_slots: LoraBatch.build(token_slots, self.device))
@@ -71,7 +70,7 @@ class ModelRunner:
             token_slots += [NO_SLOT if chunk.lora_slot is None else chunk.lora_slot] * n
         self.kv_cache.set_batch(tuple(chunks))
         ids_and_positions = torch.tensor([ids, positions]).to(self.device, non_blocking=True)  # [2, num_tokens]
-        all_decode = all(chunk.num_tokens == 1 for chunk in chunks)
+        all_decode = self.kv_cache.tables.decode_all
         forward = self.decode_forward if self.decode_forward is not None and all_decode else self.model
         hidden = forward(ids_and_positions[0], ids_and_positions[1],
                          self.kv_cache, self.lora_batches(token_slots))  # [num_tokens, hidden]
@@ -80,7 +79,7 @@ class ModelRunner:
         if not sampled:
             return StepResult({}, {})
         last_rows = torch.tensor([pc.token_start + pc.num_tokens - 1 for _, pc in sampled], device=self.device)
-        logits = self.model.compute_logits(hidden[last_rows]).float()  # [num_sampled, vocab]
+        logits = self.model.compute_logits(hidden[last_rows])  # [num_sampled, vocab] fp32
         seqs = [c.seq for c, _ in sampled]
         params: list[SamplingParams] = [seq.sampling or SamplingParams() for seq in seqs]
         # The sequence's eos_token_ids are its stop tokens (the engine set them from ignore_eos and stop_token_ids).
@@ -92,7 +91,6 @@ class ModelRunner:
                      for seq, token, lp in zip(seqs, rows.token_ids, rows.logprobs, strict=True) if token is not None},
             failed={seqs[row].seq_id: f"{why} ({_served_by(seqs[row])})" for row, why in rows.errors.items()},
         )
-
 
 
 def _served_by(seq: Sequence) -> str:

@@ -222,11 +222,13 @@ def _sample_on_device(logits: torch.Tensor, params: list[SamplingParams], unifor
         scaled = processed / table[:, _TEMPERATURE, None].float()
         drawn = _draw_tokens(scaled, table)
         tokens = torch.where(table[:, _GREEDY].bool(), tokens, drawn)
-    unsampleable = scaled.isnan().any(-1) | scaled.isposinf().any(-1) | scaled.isneginf().all(-1)
+    # Why not always: with no penalty nor temperature applied, scaled is the raw logits, already checked above.
+    unsampleable = unusable if scaled is logits else (
+        scaled.isnan().any(-1) | scaled.isposinf().any(-1) | scaled.isneginf().all(-1))
     status = torch.where(unusable, _NON_FINITE, torch.where(unsampleable, _UNSAMPLEABLE, _OK))
     columns = [tokens.double()[:, None], status.double()[:, None]]
-    most = max((n for n in wanted if n is not None), default=0)
     if any(n is not None for n in wanted):
+        most = max(n for n in wanted if n is not None)
         log_probs = torch.log_softmax(logits, dim=-1)  # [num_rows, vocab] fp32: the model's own distribution
         columns.append(log_probs.gather(1, tokens[:, None]).double())
         if most:

@@ -137,10 +137,11 @@ class PagedBatchTables:
     slot_mapping: torch.Tensor  # [num_tokens] int64: the cache entry each new token's K/V is written to
     decode_token_ids: torch.Tensor  # [num_decode] int64: the decode group's rows in the flat batch, ascending
     decode_all: bool  # every token of the batch is in the decode group, in order: no gather of q nor scatter of out
-    context_lens: torch.Tensor  # [num_decode] int32: keys each decode token sees (its position + 1)
-    block_tables: torch.Tensor  # [num_decode, max_blocks] int32: padded with block 0 (masked: past context_len)
-    decode_key_indices: torch.Tensor  # [num_decode, max_context] int64: cache entry of each key position (clamped)
-    decode_mask: torch.Tensor  # [num_decode, 1, 1, max_context] bool: keys each decode token may see
+    context_lens: torch.Tensor  # [num_decode] int64: keys each decode token sees (its position + 1)
+    block_tables: torch.Tensor  # [num_decode, max_blocks] int64: padded with block 0 (never read: past context_len)
+    # The torch decode path's gather (None with the Triton backend, which reads the blocks in place):
+    decode_key_indices: torch.Tensor | None  # [num_decode, max_context] int64: cache entry of each key position
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_context] bool: keys each decode token may see
     prefill: tuple[tuple[PagedSequenceChunk, torch.Tensor], ...]  # (chunk, [context_len] int64 cache entries)
 
 
@@ -196,26 +197,34 @@ class PagedKVCache:
         cut = [num_tokens, num_decode, num_decode, num_decode * max_blocks, len(prefill_entries)]
         slot_tensor, decode_ids, context_lens, tables, entries = flat.split(cut)
         block_tables = tables.view(num_decode, max_blocks)
-        max_context = max((chunk.context_len for chunk in decode), default=0)
-        key_positions = torch.arange(max_context, device=self.device)[None, :]  # [1, max_context]
-        last = (context_lens - 1)[:, None]  # [num_decode, 1]: each decode token's own position
-        # [num_decode, max_context]: the cache entry of key position j of row i. Positions past a row's own are read
-        # at its last one: masked, but read, and 0 · NaN is NaN, so they must be the row's own written entries
-        # (a block's unwritten tail, or block 0, may hold anything a previous owner left, NaN included).
-        clamped = torch.minimum(key_positions, last)
-        key_indices = block_tables.gather(1, clamped // size) * size + clamped % size
-        mask = key_positions <= last
-        if self.sliding_window is not None:
-            mask &= key_positions > last - self.sliding_window
+        key_indices = mask = None
+        if self.decode_backend == "torch":  # the Triton kernel walks the block tables itself
+            key_indices, mask = self._decode_keys(block_tables, context_lens,
+                                                  max((chunk.context_len for chunk in decode), default=0))
         prefill_tables, offset = [], 0
         for chunk in prefill:
             prefill_tables.append((chunk, entries[offset : offset + chunk.context_len]))
             offset += chunk.context_len
         self.tables = PagedBatchTables(
-            slot_mapping=slot_tensor, decode_token_ids=decode_ids,
-            decode_all=num_decode == num_tokens, context_lens=context_lens.to(torch.int32),
-            block_tables=block_tables.to(torch.int32), decode_key_indices=key_indices,
-            decode_mask=mask[:, None, None, :], prefill=tuple(prefill_tables))
+            slot_mapping=slot_tensor, decode_token_ids=decode_ids, decode_all=num_decode == num_tokens,
+            context_lens=context_lens, block_tables=block_tables, decode_key_indices=key_indices,
+            decode_mask=mask, prefill=tuple(prefill_tables))
+
+    def _decode_keys(self, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch decode path's gather indices [num_decode, max_context] and mask [num_decode, 1, 1, max_context].
+
+        Positions past a row's own are read at its last one: masked, but read, and 0 · NaN is NaN, so they must be the
+        row's own written entries (a block's unwritten tail, or block 0, may hold anything a previous owner left)."""
+        size = self.block_size
+        key_positions = torch.arange(max_context, device=self.device)[None, :]  # [1, max_context]
+        last = (context_lens - 1)[:, None]  # [num_decode, 1]: each decode token's own position
+        clamped = torch.minimum(key_positions, last)
+        key_indices = block_tables.gather(1, clamped // size) * size + clamped % size
+        mask = key_positions <= last
+        if self.sliding_window is not None:
+            mask &= key_positions > last - self.sliding_window
+        return key_indices, mask[:, None, None, :]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         tables = self.tables

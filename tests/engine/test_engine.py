@@ -51,15 +51,6 @@ def record_batches(engine) -> list[set]:
     return seen
 
 
-@pytest.fixture(scope="module")
-def demo_engine(tmp_path_factory):
-    engine = open_demo_engine(tmp_path_factory.mktemp("store"), max_num_seqs=16, max_num_batched_tokens=96,
-                              prefill_chunk_size=24)
-    yield engine
-    engine.close()
-    engine.store.close()
-
-
 def demo_requests(tokenizer, rng: random.Random, num: int, prefix: str = "") -> list[EngineRequest]:
     texts = tasks.held_out_texts(num, rng.randrange(1 << 30))
     return [EngineRequest(tokenizer.encode(tasks.make_prompt(text)),
@@ -394,3 +385,21 @@ def test_an_over_long_prompt_is_refused_where_requests_enter_naming_its_field(de
         demo_engine.prepare(EngineRequest([5] * 128))
     assert (raised.value.field, raised.value.code) == ("prompt", "context_length_exceeded")
     assert not demo_engine.has_unfinished()
+
+
+def test_stats_count_running_and_waiting_requests_per_adapter(demo_engine):
+    """EngineStats.queue_by_adapter: (running, waiting) per (tenant, adapter), None for the base model."""
+    prompt = demo_engine.tokenizer.encode(tasks.make_prompt("queue"))
+    adapters = [None, "upper", "upper", "rot13", None, None]
+    for i, adapter in enumerate(adapters):
+        demo_engine.add_request(EngineRequest(prompt, SamplingParams(max_new_tokens=4), adapter_id=adapter,
+                                              request_id=f"queued-{i}"))
+    assert demo_engine.stats().queue_by_adapter == {None: (0, 3), ("default", "upper"): (0, 2),
+                                                    ("default", "rot13"): (0, 1)}
+    demo_engine.step()  # admits all six (16 places)
+    counted = demo_engine.stats().queue_by_adapter
+    assert {key: running + waiting for key, (running, waiting) in counted.items()} == {
+        None: 3, ("default", "upper"): 2, ("default", "rot13"): 1} and sum(r for r, _ in counted.values()) == 6
+    while demo_engine.has_unfinished():
+        demo_engine.step()
+    assert demo_engine.stats().queue_by_adapter == {}

@@ -5,8 +5,6 @@ the extras draws the same tokens whatever its batch, preemption included."""
 import os
 import random
 
-import pytest
-
 from lora_server.demo import tasks
 from lora_server.engine.request import EngineRequest
 from lora_server.engine.sampler import SamplingParams
@@ -14,15 +12,6 @@ from tests.engine.engine_helpers import open_demo_engine
 
 EOS = 2  # the demo's
 KV_BYTES_PER_TOKEN_DEMO = 2 * 4 * 2 * 32 * 4  # K and V x layers x kv heads x head_dim x fp32
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    engine = open_demo_engine(tmp_path_factory.mktemp("store"), max_num_seqs=16, max_num_batched_tokens=96,
-                              prefill_chunk_size=24)
-    yield engine
-    engine.close()
-    engine.store.close()
 
 
 def run(engine, sampling: SamplingParams, text: str = "hello world", **kwargs):
@@ -35,47 +24,47 @@ def token_of(engine, char: str) -> int:
     return token
 
 
-def test_ignore_eos_runs_past_eos_to_the_length(engine):
-    plain = run(engine, SamplingParams(max_new_tokens=30))
+def test_ignore_eos_runs_past_eos_to_the_length(demo_engine):
+    plain = run(demo_engine, SamplingParams(max_new_tokens=30))
     assert plain.finish_reason == "stop" and plain.token_ids[-1] == EOS and plain.text == "hello world"
-    ignoring = run(engine, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    ignoring = run(demo_engine, SamplingParams(max_new_tokens=30, ignore_eos=True))
     assert ignoring.finish_reason == "length" and len(ignoring.token_ids) == 30
     assert ignoring.token_ids[:len(plain.token_ids)] == plain.token_ids, "the same greedy tokens up to the EOS"
-    assert ignoring.text == engine.tokenizer.decode(ignoring.token_ids)
+    assert ignoring.text == demo_engine.tokenizer.decode(ignoring.token_ids)
 
 
-def test_min_tokens_holds_back_eos_until_reached(engine):
-    plain = run(engine, SamplingParams(max_new_tokens=30))
+def test_min_tokens_holds_back_eos_until_reached(demo_engine):
+    plain = run(demo_engine, SamplingParams(max_new_tokens=30))
     min_tokens = len(plain.token_ids) + 3
-    held = run(engine, SamplingParams(max_new_tokens=30, min_tokens=min_tokens))
+    held = run(demo_engine, SamplingParams(max_new_tokens=30, min_tokens=min_tokens))
     assert EOS not in held.token_ids[:min_tokens] and len(held.token_ids) > min_tokens
     assert held.token_ids[:len(plain.token_ids) - 1] == plain.token_ids[:-1]
 
 
-def test_stop_token_ids_stop_and_their_text_goes_unless_asked(engine):
-    o = token_of(engine, "o")
-    stopped = run(engine, SamplingParams(max_new_tokens=30, stop_token_ids=(o,)))
+def test_stop_token_ids_stop_and_their_text_goes_unless_asked(demo_engine):
+    o = token_of(demo_engine, "o")
+    stopped = run(demo_engine, SamplingParams(max_new_tokens=30, stop_token_ids=(o,)))
     assert stopped.finish_reason == "stop" and stopped.token_ids[-1] == o and stopped.text == "hell"
-    kept = run(engine, SamplingParams(max_new_tokens=30, stop_token_ids=(o,), include_stop_str_in_output=True))
+    kept = run(demo_engine, SamplingParams(max_new_tokens=30, stop_token_ids=(o,), include_stop_str_in_output=True))
     assert kept.token_ids == stopped.token_ids and kept.text == "hello"
 
 
-def test_min_tokens_holds_back_stop_tokens_and_stop_strings(engine):
-    o = token_of(engine, "o")
-    held = run(engine, SamplingParams(max_new_tokens=30, stop_token_ids=(o,), min_tokens=5))
+def test_min_tokens_holds_back_stop_tokens_and_stop_strings(demo_engine):
+    o = token_of(demo_engine, "o")
+    held = run(demo_engine, SamplingParams(max_new_tokens=30, stop_token_ids=(o,), min_tokens=5))
     assert o not in held.token_ids[:5], held.token_ids
     assert held.finish_reason == "stop" and held.token_ids[-1] in (o, EOS)
     # "hel" is the text of the first 3 tokens: not a stop there; the stop string counts once past min_tokens.
-    late = run(engine, SamplingParams(max_new_tokens=30, min_tokens=3), stop=("l",))
+    late = run(demo_engine, SamplingParams(max_new_tokens=30, min_tokens=3), stop=("l",))
     assert late.text == "hel" and late.finish_reason == "stop"
-    early = run(engine, SamplingParams(max_new_tokens=30), stop=("l",))
+    early = run(demo_engine, SamplingParams(max_new_tokens=30), stop=("l",))
     assert early.text == "he"
 
 
-def test_include_stop_str_in_output_keeps_the_stop_string(engine):
-    kept = run(engine, SamplingParams(max_new_tokens=30, include_stop_str_in_output=True), stop=("zzz", "o w"))
+def test_include_stop_str_in_output_keeps_the_stop_string(demo_engine):
+    kept = run(demo_engine, SamplingParams(max_new_tokens=30, include_stop_str_in_output=True), stop=("zzz", "o w"))
     assert kept.text == "hello w" and kept.finish_reason == "stop"
-    cut = run(engine, SamplingParams(max_new_tokens=30), stop=("zzz", "o w"))
+    cut = run(demo_engine, SamplingParams(max_new_tokens=30), stop=("zzz", "o w"))
     assert cut.text == "hell"
 
 
