@@ -8,9 +8,14 @@ engine orders each step's sequences by adapter, so that each adapter's tokens fo
 
 A *slot* is where an adapter's weights sit in each layer's row pool (see `kernels.lora_weights`); it is not the
 adapter's id, which the engine maps to a slot.
+
+`TokenSlots` is the other form a step's LoRA batch takes: one slot per token on the device and nothing on the host,
+for a step captured in a CUDA graph, whose launches must not depend on which adapters the step mixes. Both forms
+expose the same segment tables (`SegmentTables`), which is all the Triton kernels read.
 """
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -53,6 +58,18 @@ class RunSplit:
     gathered: GatheredTokens | None  # None when no run is short
 
 
+class SegmentTables(Protocol):
+    """What the Triton LoRA kernels launch over: runs as device tables, and the host numbers that size the grid."""
+
+    num_tokens: int
+    num_segments: int  # columns of the tables: the grid's first dimension
+    max_segment_len: int  # the longest run: the grid's second dimension and the tile height
+    runs_end: int  # one past the last row any run covers (checked against the batch on the host)
+    segment_slots: torch.Tensor  # [num_segments] int32: each run's slot (NO_SLOT: the run adds nothing)
+    segment_starts: torch.Tensor  # [num_segments] int32: its first row in x and out
+    segment_lens: torch.Tensor  # [num_segments] int32: its number of rows
+
+
 @dataclass(frozen=True, eq=False)
 class LoraBatch:
     num_tokens: int
@@ -74,6 +91,14 @@ class LoraBatch:
     @property
     def has_lora(self) -> bool:
         return bool(self.segments)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segments)
+
+    @property
+    def runs_end(self) -> int:
+        return self.segments[-1].token_end if self.segments else 0
 
     @property
     def num_lora_tokens(self) -> int:
@@ -148,3 +173,53 @@ class LoraBatch:
             slots=tuple(dict.fromkeys(seg.slot for seg in short)),
         )
         return RunSplit(long_segments, gathered)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenSlots:
+    """A step's LoRA batch with nothing on the host: each token is its own run of one row, of the slot in `slots`
+    (a token of NO_SLOT adds nothing, and neither does a padding row).
+
+    Why: a CUDA graph replays its launches exactly as captured, so their grids may depend only on the number of
+    tokens (the graph's batch-size bucket) and on `max_rank`, a bound fixed for the engine's life, never on which
+    adapters a step mixes; the slots themselves are read by the kernels from device memory, which the runner
+    rewrites before each replay. One row per run costs a re-read of an adapter's rows per token where a `LoraBatch`
+    reads them once per run: the BGMV shape, which is what decode runs are on the GPU anyway."""
+
+    slots: torch.Tensor  # [num_tokens] int32 on the device: each token's slot, or NO_SLOT
+    max_rank: int  # at least every loaded slot's rank in every layer: y's width and the grid's rank blocks
+    segment_starts: torch.Tensor  # [num_tokens] int32: 0, 1, ..., num_tokens - 1 (fixed)
+    segment_lens: torch.Tensor  # [num_tokens] int32: all ones (fixed; NO_SLOT rows exit on their slot)
+
+    @classmethod
+    def over(cls, slots: torch.Tensor, max_rank: int) -> "TokenSlots":
+        """The batch that reads `slots` ([num_tokens] int32, rewritten in place between steps)."""
+        assert slots.dtype == torch.int32 and slots.dim() == 1 and slots.is_contiguous(), (slots.dtype, slots.shape)
+        assert max_rank > 0
+        num_tokens = slots.shape[0]
+        starts = torch.arange(num_tokens, dtype=torch.int32, device=slots.device)
+        return cls(slots, max_rank, starts, torch.ones_like(starts))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slots.shape[0]
+
+    @property
+    def num_segments(self) -> int:
+        return self.slots.shape[0]
+
+    @property
+    def max_segment_len(self) -> int:
+        return 1
+
+    @property
+    def runs_end(self) -> int:
+        return self.slots.shape[0]
+
+    @property
+    def segment_slots(self) -> torch.Tensor:
+        return self.slots
+
+    @property
+    def device(self) -> torch.device:
+        return self.slots.device

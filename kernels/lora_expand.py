@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_server.kernels.lora_batch import LoraBatch
+from lora_server.kernels.lora_batch import SegmentTables
 from lora_server.kernels.lora_shrink import HALF_DTYPES, MAX_GRID_YZ, block_m_for, check_lora_batch, check_slot_tables
 
 BLOCK_R = 16  # rank block: the smallest tl.dot reduction width worth an mma, and the unit a slot's rank is charged in
@@ -50,6 +50,8 @@ def _lora_expand_kernel(
     if pid_m * BLOCK_M >= seg_len:  # past this segment's last token
         return
     slot = tl.load(segment_slots_ptr + segment)
+    if slot < 0:  # NO_SLOT: a token of no adapter in a `TokenSlots` batch (a `LoraBatch` has no such runs)
+        return
     row_start = tl.load(slot_row_starts_ptr + slot)
     seg_start = tl.load(segment_starts_ptr + segment)
 
@@ -98,7 +100,7 @@ def lora_expand_triton(
     y: torch.Tensor,
     lora_bt: torch.Tensor,
     out: torch.Tensor,
-    batch: LoraBatch,
+    batch: SegmentTables,
     slot_row_starts: torch.Tensor,
     slot_ranks: torch.Tensor,
     slice_offsets: torch.Tensor,
@@ -124,7 +126,7 @@ def lora_expand_triton(
     # Tile offsets inside the kernel are int32 (row and token bases are int64).
     assert BLOCK_R * lora_bt.stride(0) + out_features * lora_bt.stride(1) < 2**31, "int32 offsets"
     assert num_slices * y.stride(1) + max_rank * y.stride(2) < 2**31, "int32 offsets"
-    if not batch.segments or max_rank == 0 or out_features == 0:
+    if batch.num_segments == 0 or max_rank == 0 or out_features == 0:
         return
 
     # ---- block config and grid
@@ -133,7 +135,7 @@ def lora_expand_triton(
     block_n, num_warps = EXPAND_CONFIGS[block_m]
     if out.dtype == torch.float32 and block_m == 16:
         block_n //= 2  # fp32 tiles take twice the registers
-    grid = (len(batch.segments), triton.cdiv(batch.max_segment_len, block_m), triton.cdiv(out_features, block_n))
+    grid = (batch.num_segments, triton.cdiv(batch.max_segment_len, block_m), triton.cdiv(out_features, block_n))
     assert grid[1] <= MAX_GRID_YZ and grid[2] <= MAX_GRID_YZ, grid
     _lora_expand_kernel[grid](
         y, lora_bt, out,

@@ -5,8 +5,9 @@ Semantics (t a token of slot s, k a slice, r = rank[s][k], a = row_start[s], lo:
     out[t, lo:hi] += y[t, k, :r] @ lora_bt[a : a + r, lo:hi]
 The "torch" backend runs `kernels.lora_torch` on the batch's runs (views of x and out) and `kernels.lora_gather` on
 its short runs, gathered together; "triton" is `kernels.lora_shrink` + `kernels.lora_expand`. A call is
-`apply_lora(backend, x, out, weights, batch)`: the layer's `LoraWeights` and the step's `LoraBatch`, both built
-ahead of the call (weights when slots change, the batch once per step). Under torch.compile the call is a custom op.
+`apply_lora(backend, x, out, weights, batch)`: the layer's `LoraWeights` and the step's `LoraBatch` (or
+`TokenSlots`, for a step captured in a CUDA graph), both built ahead of the call (weights when slots change, the batch
+once per step). Under torch.compile the call is a custom op.
 """
 
 import os
@@ -14,8 +15,8 @@ from importlib.util import find_spec
 
 import torch
 
-from lora_server.kernels.lora_batch import LoraBatch
-from lora_server.kernels.lora_gather import lora_gathered_torch
+from lora_server.kernels.lora_batch import LoraBatch, TokenSlots
+from lora_server.kernels.lora_gather import lora_gathered_torch, lora_per_token_torch
 from lora_server.kernels.lora_torch import lora_runs_torch
 from lora_server.kernels.lora_weights import LoraWeights
 
@@ -48,7 +49,8 @@ def resolve_lora_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def apply_lora(backend: str, x: torch.Tensor, out: torch.Tensor, weights: LoraWeights, batch: LoraBatch) -> None:
+def apply_lora(backend: str, x: torch.Tensor, out: torch.Tensor, weights: LoraWeights,
+               batch: LoraBatch | TokenSlots) -> None:
     """out [num_tokens, out_features] += LoRA(x [num_tokens, in]) for each token's slot, in place.
 
     `backend` is a resolved one ("torch" or "triton", see `resolve_lora_backend`). The torch path reads the host
@@ -56,7 +58,12 @@ def apply_lora(backend: str, x: torch.Tensor, out: torch.Tensor, weights: LoraWe
     Inside `torch.compile` the call is one custom op (`lora_server::apply_lora`), opaque to the compiler: the
     batch's runs are host data that change every step, and tracing a loop over them would recompile every step.
     """
-    if torch.compiler.is_compiling():
+    if isinstance(batch, TokenSlots):
+        if torch.compiler.is_compiling():
+            torch.ops.lora_server.apply_lora_per_token(x, out, backend, weights.key, batch.slots, batch.max_rank)
+        else:
+            _apply_lora_per_token(backend, x, out, weights, batch)
+    elif torch.compiler.is_compiling():
         torch.ops.lora_server.apply_lora(x, out, backend, weights.key, batch.host_table, batch.device_table)
     else:
         _apply_lora(backend, x, out, weights, batch)
@@ -74,17 +81,35 @@ def _apply_lora(backend: str, x: torch.Tensor, out: torch.Tensor, weights: LoraW
         else:
             lora_runs_torch(x, out, weights, batch.segments)
     elif backend == "triton":
-        # Imported on first use: @triton.jit reads TRITON_INTERPRET when the kernel module is imported, and a
-        # CPU-only server never pays for importing triton.
-        from lora_server.kernels.lora_expand import lora_expand_triton
-        from lora_server.kernels.lora_shrink import lora_shrink_triton
-
-        y = lora_shrink_triton(x, weights.lora_a, batch, weights.device_row_starts, weights.device_ranks,
-                               weights.device_scales, weights.max_rank)
-        lora_expand_triton(y, weights.lora_bt, out, batch, weights.device_row_starts, weights.device_ranks,
-                           weights.device_slice_offsets)
+        _apply_lora_triton(x, out, weights, batch, weights.max_rank)
     else:
         raise ValueError(f"apply_lora needs a resolved backend ('torch' or 'triton'), got {backend!r}")
+
+
+def _apply_lora_per_token(backend: str, x: torch.Tensor, out: torch.Tensor, weights: LoraWeights,
+                          batch: TokenSlots) -> None:
+    """A `TokenSlots` batch: the same launches whatever the slots hold and whatever is loaded (no early exit on the
+    host), so that a captured graph stays right when adapters come and go."""
+    assert weights.max_rank <= batch.max_rank, f"a slot of rank {weights.max_rank} exceeds the bound {batch.max_rank}"
+    if backend == "torch":
+        lora_per_token_torch(x, out, weights, batch)
+    elif backend == "triton":
+        _apply_lora_triton(x, out, weights, batch, batch.max_rank)
+    else:
+        raise ValueError(f"apply_lora needs a resolved backend ('torch' or 'triton'), got {backend!r}")
+
+
+def _apply_lora_triton(x: torch.Tensor, out: torch.Tensor, weights: LoraWeights, batch: LoraBatch | TokenSlots,
+                       max_rank: int) -> None:
+    # Imported on first use: @triton.jit reads TRITON_INTERPRET when the kernel module is imported, and a CPU-only
+    # server never pays for importing triton.
+    from lora_server.kernels.lora_expand import lora_expand_triton
+    from lora_server.kernels.lora_shrink import lora_shrink_triton
+
+    y = lora_shrink_triton(x, weights.lora_a, batch, weights.device_row_starts, weights.device_ranks,
+                           weights.device_scales, max_rank)
+    lora_expand_triton(y, weights.lora_bt, out, batch, weights.device_row_starts, weights.device_ranks,
+                       weights.device_slice_offsets)
 
 
 @torch.library.custom_op("lora_server::apply_lora", mutates_args=("out",))
@@ -99,4 +124,16 @@ def _apply_lora_op(x: torch.Tensor, out: torch.Tensor, backend: str, weights_key
 @_apply_lora_op.register_fake
 def _(x: torch.Tensor, out: torch.Tensor, backend: str, weights_key: int, host_table: torch.Tensor,
       device_table: torch.Tensor) -> None:
+    return None
+
+
+@torch.library.custom_op("lora_server::apply_lora_per_token", mutates_args=("out",))
+def _apply_lora_per_token_op(x: torch.Tensor, out: torch.Tensor, backend: str, weights_key: int,
+                             slots: torch.Tensor, max_rank: int) -> None:
+    """`apply_lora` of a `TokenSlots` batch as the compiled graph calls it (the batch is its slots and bound)."""
+    _apply_lora_per_token(backend, x, out, LoraWeights.by_key(weights_key), TokenSlots.over(slots, max_rank))
+
+
+@_apply_lora_per_token_op.register_fake
+def _(x: torch.Tensor, out: torch.Tensor, backend: str, weights_key: int, slots: torch.Tensor, max_rank: int) -> None:
     return None

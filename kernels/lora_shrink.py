@@ -7,8 +7,8 @@ Layout of lora_a and the slot tables: see `kernels.lora_weights`; runs: `kernels
 
 Grid: (segment, token tile of the segment, slice × rank block). A segment is a run: its rows of x are read at
 segment_start + offs directly, no token indirection. A program computes one [BLOCK_M, BLOCK_R] tile of y and exits at
-once if its tile starts past its segment's end or past its slot's rank, so a rank-4 slot launched beside a rank-64
-slot costs one rank block, not four.
+once if its tile starts past its segment's end, past its slot's rank, or its slot is NO_SLOT (a `TokenSlots` row
+of no adapter), so a rank-4 slot launched beside a rank-64 slot costs one rank block, not four.
 
 Decode vs prefill, one rule shared with `kernels.lora_expand` (`block_m_for`):
     max_segment_len <= 4: BLOCK_M = next_power_of_2(max_segment_len) in {1, 2, 4}, CUDA-core multiply-and-sum
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_server.kernels.lora_batch import LoraBatch
+from lora_server.kernels.lora_batch import SegmentTables
 
 DECODE_MAX_SEGMENT_LEN = 4  # longest segment still handled by the CUDA-core (BGMV-like) variant
 LONG_SEGMENT_LEN = 128  # from here on, 64-row tiles
@@ -73,6 +73,8 @@ def _lora_shrink_kernel(
     if pid_m * BLOCK_M >= seg_len:  # past this segment's last token
         return
     slot = tl.load(segment_slots_ptr + segment)
+    if slot < 0:  # NO_SLOT: a token of no adapter in a `TokenSlots` batch (a `LoraBatch` has no such runs)
+        return
     # Clamped to y's width so a stale max_rank can never write outside y.
     rank = tl.minimum(tl.load(slot_ranks_ptr + slot * stride_slot + slice_id), max_rank)
     if r0 >= rank:  # past this slot's rank (or the slot skips this slice)
@@ -120,7 +122,7 @@ INTERPRETED = not isinstance(_lora_shrink_kernel, triton.runtime.JITFunction)
 def lora_shrink_triton(
     x: torch.Tensor,
     lora_a: torch.Tensor,
-    batch: LoraBatch,
+    batch: SegmentTables,
     slot_row_starts: torch.Tensor,
     slot_ranks: torch.Tensor,
     slot_scales: torch.Tensor,
@@ -148,7 +150,7 @@ def lora_shrink_triton(
     assert in_features * max(x.stride(1), lora_a.stride(2)) + BLOCK_R * lora_a.stride(1) < 2**31, "int32 offsets"
 
     y = torch.empty(num_tokens, num_slices, max_rank, dtype=torch.float32, device=x.device)
-    if not batch.segments or max_rank == 0 or in_features == 0:
+    if batch.num_segments == 0 or max_rank == 0 or in_features == 0:
         return y
 
     # ---- block config and grid
@@ -161,7 +163,7 @@ def lora_shrink_triton(
     if x.dtype == torch.float32 and block_m == 16:
         block_k //= 2  # fp32 tiles take twice the registers
     num_rank_blocks = triton.cdiv(max_rank, BLOCK_R)
-    grid = (len(batch.segments), triton.cdiv(batch.max_segment_len, block_m), num_slices * num_rank_blocks)
+    grid = (batch.num_segments, triton.cdiv(batch.max_segment_len, block_m), num_slices * num_rank_blocks)
     assert grid[1] <= MAX_GRID_YZ and grid[2] <= MAX_GRID_YZ, grid
     _lora_shrink_kernel[grid](
         x, lora_a, y,
@@ -189,9 +191,9 @@ def check_slot_tables(slot_row_starts: torch.Tensor, slot_ranks: torch.Tensor, n
     assert slot_ranks.shape == (slot_row_starts.shape[0], num_slices), (slot_ranks.shape, num_slices)
 
 
-def check_lora_batch(batch: LoraBatch) -> None:
+def check_lora_batch(batch: SegmentTables) -> None:
     """The kernels index the segment tables with unit stride, read them as int32, and trust the runs to be rows of
-    x, y and out: the last run (runs are in token order) ends inside the batch, checked on the host copy."""
+    x, y and out: the last run ends inside the batch (`runs_end`, a host number)."""
     for t in (batch.segment_slots, batch.segment_starts, batch.segment_lens):
-        assert t.dtype == torch.int32 and t.is_contiguous() and t.shape == (len(batch.segments),), (t.dtype, t.shape)
-    assert all(seg.token_end <= batch.num_tokens for seg in batch.segments[-1:]), "runs past the batch's end"
+        assert t.dtype == torch.int32 and t.is_contiguous() and t.shape == (batch.num_segments,), (t.dtype, t.shape)
+    assert batch.runs_end <= batch.num_tokens, "runs past the batch's end"

@@ -69,7 +69,8 @@ class LoraWeights:
         # [num_slots]: each slot's plan, built from the above when the torch path first asks (see `plan`).
         self._plans: list[SlotPlan | None] = [None] * num_slots
         self.max_rank = 0  # the largest rank loaded in any slot and slice: a bound for every batch
-        # Device tables (see `_refresh`).
+        # Device tables (see `_refresh`): views of one int32 tensor, and the scales.
+        self._device_ints: torch.Tensor | None = None
         self.device_row_starts = torch.empty(0)  # [num_slots] int32
         self.device_ranks = torch.empty(0)  # [num_slots, num_slices] int32
         self.device_scales = torch.empty(0)  # [num_slots, num_slices] fp32
@@ -141,15 +142,25 @@ class LoraWeights:
                         a=self.lora_a[:, row : row + max_rank].transpose(1, 2))
 
     def _refresh(self) -> None:
-        """max_rank and the device tables, from the host tables."""
+        """max_rank and the device tables, from the host tables.
+
+        The device tables are rewritten in place, never replaced: a step captured in a CUDA graph holds their
+        addresses. A forward pass on another thread may read them mid-copy; it reads only the slots of its own batch,
+        which no load changes while it runs (see the class docstring), and each of those entries is rewritten with
+        the value it already holds."""
         offsets = self.slice_offsets
         self.max_rank = max((max(ranks, default=0) for ranks in self.ranks), default=0)
-        # One transfer for the int32 tables (views of one tensor), one for the scales; then assigned all at once, so
-        # a forward pass on another thread sees old or new tables, each whole.
         num_slots, num_slices = self.num_slots, self.num_slices
         ints = torch.tensor([*self.row_starts, *(r for ranks in self.ranks for r in ranks), *offsets],
-                            dtype=torch.int32).to(self.lora_a.device)
-        scales = torch.tensor(self.scales, dtype=torch.float32).view(num_slots, num_slices).to(self.lora_a.device)
-        ranks_end = num_slots * (1 + num_slices)
-        self.device_row_starts, self.device_ranks, self.device_scales, self.device_slice_offsets = (
-            ints[:num_slots], ints[num_slots:ranks_end].view(num_slots, num_slices), scales, ints[ranks_end:])
+                            dtype=torch.int32)
+        scales = torch.tensor(self.scales, dtype=torch.float32).view(num_slots, num_slices)
+        if self._device_ints is None:  # the first call (from __init__): allocate; the tables are views of these two
+            self._device_ints = ints.to(self.lora_a.device)
+            self.device_scales = scales.to(self.lora_a.device)
+            ranks_end = num_slots * (1 + num_slices)
+            self.device_row_starts = self._device_ints[:num_slots]
+            self.device_ranks = self._device_ints[num_slots:ranks_end].view(num_slots, num_slices)
+            self.device_slice_offsets = self._device_ints[ranks_end:]
+        else:  # one transfer for the int32 tables, one for the scales
+            self._device_ints.copy_(ints)
+            self.device_scales.copy_(scales)

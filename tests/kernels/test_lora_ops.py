@@ -1,10 +1,12 @@
 """apply_lora adds the same LoRA term through either backend; resolve_lora_backend picks and refuses as documented."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from lora_server.kernels import lora_ops
-from lora_server.kernels.lora_batch import NO_SLOT
+from lora_server.kernels.lora_batch import NO_SLOT, TokenSlots
 from lora_server.kernels.lora_gather import lora_gathered_torch
 from lora_server.kernels.lora_ops import GATHER_MAX_IN_FEATURES, GATHER_MIN_TOKENS, apply_lora, resolve_lora_backend
 from tests.kernels.lora_cases import TOLERANCE, LoraCase, assert_close_to_reference, make_case, reference
@@ -85,6 +87,71 @@ def test_apply_lora_refuses_an_unresolved_backend():
     case = make_case(torch.float32, 8, (4,), [[2]], [0])
     with pytest.raises(ValueError, match="resolved backend"):
         apply(case, "auto", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- TokenSlots: the captured step's batch
+
+GRAPH_RANK_BOUND = 72  # above every rank loaded here, as the engine's max_lora_rank is
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_slots_batch_adds_each_tokens_own_adapter(backend, dtype, kernel_device):
+    """One run per token, slots read from device memory: the same term as the runs of a LoraBatch, NO_SLOT rows
+    untouched."""
+    case = make_case(dtype, 50, GQA, RANKS, TOKEN_SLOTS, seed=6)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    tensors = case.tensors(device)
+    out_before = tensors["out"].clone()
+    slots = torch.tensor(TOKEN_SLOTS, dtype=torch.int32, device=device)
+    apply_lora(backend, tensors["x"], tensors["out"], case.weights(tensors), TokenSlots.over(slots, GRAPH_RANK_BOUND))
+    expected = reference(case, {**tensors, "out": out_before})
+    assert_close_to_reference(tensors["out"], expected["out"], expected["out_abs"], TOLERANCE[dtype], backend)
+    no_slot = torch.tensor([s == NO_SLOT for s in TOKEN_SLOTS], device=device)
+    assert torch.equal(tensors["out"][no_slot], out_before[no_slot])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_token_slots_batch_follows_its_slots_and_the_pool_in_place(backend, kernel_device):
+    """What a CUDA graph replay relies on: one TokenSlots object, its slots rewritten in place for a new mix, and an
+    adapter loaded into a slot after the first call (which rewrites the pool's device tables in place, never
+    replaces them): each call matches the reference for the slots and pool as they are then."""
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    ranks = [[8, 8, 8], [4, 4, 0], [0, 0, 0]]  # slot 2 empty at first
+    # A pool of 64 rows: rows 40..55 (random like the rest) are where slot 2's adapter is loaded later.
+    first = dataclasses.replace(make_case(torch.float32, 40, GQA, ranks, [0, 1, NO_SLOT, 1, 0, 2], seed=7),
+                                total_rows=64)
+    tensors = first.tensors(device)
+    weights = first.weights(tensors)
+    tables = (weights.device_row_starts.data_ptr(), weights.device_ranks.data_ptr(), weights.device_scales.data_ptr())
+    slots = torch.tensor(first.token_slots, dtype=torch.int32, device=device)
+    batch = TokenSlots.over(slots, GRAPH_RANK_BOUND)
+
+    base = tensors["out"].clone()
+    apply_lora(backend, tensors["x"], tensors["out"], weights, batch)
+    expected = reference(first, {**tensors, "out": base})
+    assert_close_to_reference(tensors["out"], expected["out"], expected["out_abs"], TOLERANCE[torch.float32], backend)
+
+    # Load slot 2 (rank 16, rows past every other slot's) and change the mix, through the same objects.
+    weights.set_slot(2, 40, (16, 16, 16), (0.5, -1.5, 2.0))
+    second = dataclasses.replace(first, token_slots=(2, NO_SLOT, 2, 0, 1, 2),
+                                 row_starts=(*first.row_starts[:2], 40), ranks=(*ranks[:2], (16, 16, 16)),
+                                 scales=(*first.scales[:2], (0.5, -1.5, 2.0)))
+    slots.copy_(torch.tensor(second.token_slots, dtype=torch.int32))
+    tensors["out"].copy_(base)
+    apply_lora(backend, tensors["x"], tensors["out"], weights, batch)
+    expected = reference(second, {**tensors, "out": base})
+    assert_close_to_reference(tensors["out"], expected["out"], expected["out_abs"], TOLERANCE[torch.float32], backend)
+    assert tables == (weights.device_row_starts.data_ptr(), weights.device_ranks.data_ptr(),
+                      weights.device_scales.data_ptr())
+
+
+def test_a_token_slots_batch_refuses_a_rank_above_its_bound():
+    case = make_case(torch.float32, 8, (4,), [[8]], [0])
+    tensors = case.tensors(torch.device("cpu"))
+    with pytest.raises(AssertionError, match="exceeds the bound 4"):
+        apply_lora("torch", tensors["x"], tensors["out"], case.weights(tensors),
+                   TokenSlots.over(torch.zeros(1, dtype=torch.int32), 4))
 
 
 # ---------------------------------------------------------------- resolve_lora_backend
