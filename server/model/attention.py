@@ -132,7 +132,8 @@ class PagedBatchTables:
     one transfer (so the forward pass never waits on the device for a length or an index).
 
     Single-token chunks (decodes, and any one-token prefill) form the *decode group*: one batched attention call per
-    layer. Longer chunks are attended one by one (few per step: the scheduler's token budget bounds them)."""
+    layer. Longer chunks are one Triton launch per layer with the Triton backend; the torch backend attends them one
+    by one (few per step: the scheduler's token budget bounds them; on CPU that loop is the fastest path measured)."""
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: the cache entry each new token's K/V is written to
     decode_token_ids: torch.Tensor  # [num_decode] int64: the decode group's rows in the flat batch, ascending
@@ -142,35 +143,58 @@ class PagedBatchTables:
     # The torch decode path's gather (None with the Triton backend, which reads the blocks in place):
     decode_key_indices: torch.Tensor | None  # [num_decode, max_context] int64: cache entry of each key position
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_context] bool: keys each decode token may see
-    prefill: tuple[tuple[PagedSequenceChunk, torch.Tensor], ...]  # (chunk, [context_len] int64 cache entries)
+    # The torch prefill loop's (chunk, [context_len] int64 cache entries); empty with the Triton backend.
+    prefill: tuple[tuple[PagedSequenceChunk, torch.Tensor], ...]
+    prefill_launch: "PrefillLaunch | None" = None  # the Triton backend's: every prefill chunk in one launch
+
+
+@dataclass(frozen=True)
+class PrefillLaunch:
+    """The longer chunks of a step as `kernels.paged_prefill` reads them (device views of the step's one transfer)."""
+
+    query_starts: torch.Tensor  # [num_prefill] int64: each chunk's first row in the flat batch
+    query_lens: torch.Tensor  # [num_prefill] int64
+    start_positions: torch.Tensor  # [num_prefill] int64
+    block_tables: torch.Tensor  # [num_prefill, max_blocks] int64
+    tile_chunks: torch.Tensor  # [num_tiles] int64: the grid's query tiles (kernels.paged_prefill.prefill_tiles)
+    tile_offsets: torch.Tensor  # [num_tiles] int64
 
 
 class PagedKVCache:
     """K/V in fixed-size blocks shared by all sequences: k_cache/v_cache [num_layers, num_entries, num_kv_heads,
-    head_dim] with num_entries = num_blocks * block_size. The engine's block manager decides which block holds which
-    positions; this class writes and reads through the block tables.
+    head_dim] with num_entries = (num_blocks + 1) * block_size. The engine's block manager decides which of the
+    num_blocks blocks holds which positions; this class writes and reads through the block tables. The one block more,
+    `scratch_block`, is never handed out: the padding rows of a captured decode step write and read it (see
+    server.model.cuda_graphs), so they touch no sequence's K/V.
 
-    Decode attention has two backends: "torch" gathers each sequence's keys into a padded tensor per layer (indices
-    built once per step) and runs one SDPA; "triton" (`kernels.paged_decode`, CUDA) reads the blocks in place.
+    Attention has two backends. "torch": decodes gather each sequence's keys into a padded tensor per layer (indices
+    built once per step) for one SDPA, and prefill chunks get one SDPA each. "triton" (CUDA): `kernels.paged_decode`
+    for the decode group and `kernels.paged_prefill` for every longer chunk at once, both reading the blocks in place.
     "auto" picks Triton on CUDA when it is installed."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, sliding_window: int | None = None,
-                 decode_backend: str = "auto") -> None:
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+                 attention_backend: str = "auto") -> None:
+        shape = (num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
         # Zeros, not empty: masked-out keys get weight 0, but 0 × a NaN left in uninitialised memory is still NaN.
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.scratch_block = num_blocks
         self.block_size = block_size
         self.sliding_window = sliding_window
-        self.decode_backend = resolve_decode_backend(decode_backend, self.k_cache.device, block_size)
+        self.attention_backend = resolve_attention_backend(attention_backend, self.k_cache.device, block_size)
         self.tables: PagedBatchTables | None = None
-        if self.decode_backend == "triton":
+        if self.attention_backend == "triton":
             # Imported here, not per call: a CPU-only server never imports triton, and a compiled forward traces
-            # the call to the custom op without an import inside the graph.
+            # the calls to the custom ops without an import inside the graph.
             from lora_server.kernels.paged_decode import paged_decode_op
+            from lora_server.kernels.paged_prefill import BLOCK_Q, paged_prefill_op, prefill_tiles
 
             self._paged_decode = paged_decode_op
+            self._paged_prefill = paged_prefill_op
+            self._prefill_tiles = lambda query_lens: prefill_tiles(query_lens, BLOCK_Q)
+            self._prefill_block_q = BLOCK_Q
 
     @property
     def device(self) -> torch.device:
@@ -183,32 +207,61 @@ class PagedKVCache:
                         for chunk in chunks for p in range(chunk.start_position, chunk.context_len)]
         decode = [chunk for chunk in chunks if chunk.num_tokens == 1]
         prefill = [chunk for chunk in chunks if chunk.num_tokens > 1]
-        max_blocks = max((-(-chunk.context_len // size) for chunk in decode), default=0)
-        padded_tables = [[*chunk.block_table[: -(-chunk.context_len // size)]] for chunk in decode]
-        for table in padded_tables:
-            table += [0] * (max_blocks - len(table))
-        prefill_entries = [chunk.block_table[p // size] * size + p % size
-                           for chunk in prefill for p in range(chunk.context_len)]
-        # One host-to-device transfer for every integer table of the step; the tensors below are views of it.
-        host = torch.tensor([*slot_mapping, *(c.token_start for c in decode), *(c.context_len for c in decode),
-                             *(b for table in padded_tables for b in table), *prefill_entries], dtype=torch.int64)
-        flat = host.to(self.device, non_blocking=True)
-        num_tokens, num_decode = len(slot_mapping), len(decode)
-        cut = [num_tokens, num_decode, num_decode, num_decode * max_blocks, len(prefill_entries)]
-        slot_tensor, decode_ids, context_lens, tables, entries = flat.split(cut)
+        triton = self.attention_backend == "triton"
+        # Host integers of every table, in the order they are cut apart below: one host-to-device transfer.
+        decode_tables = _padded_block_tables(decode, size)
+        host = [*slot_mapping, *(c.token_start for c in decode), *(c.context_len for c in decode),
+                *(b for table in decode_tables for b in table)]
+        if triton:  # the prefill kernel's tables and grid
+            tile_chunks, tile_offsets = self._prefill_tiles([c.num_tokens for c in prefill])
+            prefill_tables = _padded_block_tables(prefill, size)
+            prefill_parts = [[c.token_start for c in prefill], [c.num_tokens for c in prefill],
+                             [c.start_position for c in prefill], [b for table in prefill_tables for b in table],
+                             tile_chunks, tile_offsets]
+        else:  # the torch loop's cache entries, chunk after chunk
+            prefill_parts = [[chunk.block_table[p // size] * size + p % size
+                              for chunk in prefill for p in range(chunk.context_len)]]
+        for part in prefill_parts:
+            host += part
+        flat = torch.tensor(host, dtype=torch.int64).to(self.device, non_blocking=True)
+        num_decode = len(decode)
+        max_blocks = len(decode_tables[0]) if decode_tables else 0
+        slot_tensor, decode_ids, context_lens, tables, *prefill_tensors = flat.split(
+            [len(slot_mapping), num_decode, num_decode, num_decode * max_blocks, *map(len, prefill_parts)])
         block_tables = tables.view(num_decode, max_blocks)
         key_indices = mask = None
-        if self.decode_backend == "torch":  # the Triton kernel walks the block tables itself
+        if not triton:  # the Triton kernel walks the block tables itself
             key_indices, mask = self._decode_keys(block_tables, context_lens,
                                                   max((chunk.context_len for chunk in decode), default=0))
-        prefill_tables, offset = [], 0
-        for chunk in prefill:
-            prefill_tables.append((chunk, entries[offset : offset + chunk.context_len]))
-            offset += chunk.context_len
+        prefill_entries, prefill_launch = (), None
+        if triton and prefill:
+            starts, lens, positions, prefill_block_tables, tile_chunks_t, tile_offsets_t = prefill_tensors
+            prefill_launch = PrefillLaunch(starts, lens, positions, prefill_block_tables.view(len(prefill), -1),
+                                           tile_chunks_t, tile_offsets_t)
+        elif prefill:
+            entries, offset, chunk_entries = prefill_tensors[0], 0, []
+            for chunk in prefill:
+                chunk_entries.append((chunk, entries[offset : offset + chunk.context_len]))
+                offset += chunk.context_len
+            prefill_entries = tuple(chunk_entries)
         self.tables = PagedBatchTables(
-            slot_mapping=slot_tensor, decode_token_ids=decode_ids, decode_all=num_decode == num_tokens,
+            slot_mapping=slot_tensor, decode_token_ids=decode_ids, decode_all=num_decode == len(slot_mapping),
             context_lens=context_lens, block_tables=block_tables, decode_key_indices=key_indices,
-            decode_mask=mask, prefill=tuple(prefill_tables))
+            decode_mask=mask, prefill=prefill_entries, prefill_launch=prefill_launch)
+
+    def decode_tables(self, slot_mapping: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+                      max_context: int) -> PagedBatchTables:
+        """The tables of a step where every token is a decode, from tables already on the device (a captured step's
+        static buffers): slot_mapping and context_lens [num_rows] int64, block_tables [num_rows, max_blocks] int64.
+        Device work only, no host read, so it can run inside a CUDA graph; `max_context` bounds every context_len
+        (the torch backend pads its gather to it)."""
+        key_indices = mask = None
+        if self.attention_backend == "torch":
+            key_indices, mask = self._decode_keys(block_tables, context_lens, max_context)
+        return PagedBatchTables(
+            slot_mapping=slot_mapping, decode_token_ids=torch.arange(slot_mapping.shape[0], device=self.device),
+            decode_all=True, context_lens=context_lens, block_tables=block_tables, decode_key_indices=key_indices,
+            decode_mask=mask, prefill=())
 
     def _decode_keys(self, block_tables: torch.Tensor, context_lens: torch.Tensor,
                      max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,6 +290,11 @@ class PagedKVCache:
         if tables.decode_token_ids.numel():
             out.index_copy_(0, tables.decode_token_ids,
                             self._attend_decode(layer, q.index_select(0, tables.decode_token_ids), tables))
+        launch = tables.prefill_launch
+        if launch is not None:
+            self._paged_prefill(q, self.k_cache[layer], self.v_cache[layer], out, launch.block_tables,
+                                launch.query_starts, launch.query_lens, launch.start_positions, launch.tile_chunks,
+                                launch.tile_offsets, self.block_size, self.sliding_window or 0, self._prefill_block_q)
         for chunk, entries in tables.prefill:
             new = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
             keys = self.k_cache[layer, entries].transpose(0, 1)  # [num_kv_heads, context_len, head_dim]
@@ -249,7 +307,7 @@ class PagedKVCache:
 
     def _attend_decode(self, layer: int, q: torch.Tensor, tables: PagedBatchTables) -> torch.Tensor:
         """q [num_decode, num_heads, head_dim]: one new token per row -> [num_decode, num_heads, head_dim]."""
-        if self.decode_backend == "triton":
+        if self.attention_backend == "triton":
             return self._paged_decode(q, self.k_cache[layer], self.v_cache[layer], tables.block_tables,
                                       tables.context_lens, self.block_size, self.sliding_window or 0)
         keys = self.k_cache[layer, tables.decode_key_indices].transpose(1, 2)  # [num_decode, kv_heads, ctx, dim]
@@ -259,21 +317,28 @@ class PagedKVCache:
         return attended[:, :, 0, :]
 
 
-DECODE_BACKENDS = ("auto", "triton", "torch")
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
 
 
-def resolve_decode_backend(name: str, device: torch.device, block_size: int) -> str:
+def resolve_attention_backend(name: str, device: torch.device, block_size: int) -> str:
     """"auto" -> "triton" on CUDA with triton installed (and a power-of-two block size, which the kernel's tiles
     need), else "torch"; "triton" only on CUDA or under Triton's interpreter (TRITON_INTERPRET=1, tests)."""
-    if name not in DECODE_BACKENDS:
-        raise ValueError(f"unknown decode attention backend {name!r}; choose one of {', '.join(DECODE_BACKENDS)}")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
     has_triton = find_spec("triton") is not None
     power_of_two = block_size & (block_size - 1) == 0
     if name == "auto":
         return "triton" if device.type == "cuda" and has_triton and power_of_two else "torch"
     if name == "triton" and not (has_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
-        raise ValueError("decode attention backend 'triton' needs the triton package and a CUDA device "
+        raise ValueError("attention backend 'triton' needs the triton package and a CUDA device "
                          "(or TRITON_INTERPRET=1 on CPU, for tests)")
     if name == "triton" and not power_of_two:
-        raise ValueError(f"decode attention backend 'triton' needs a power-of-two block size, not {block_size}")
+        raise ValueError(f"attention backend 'triton' needs a power-of-two block size, not {block_size}")
     return name
+
+
+def _padded_block_tables(chunks: Sequence[PagedSequenceChunk], block_size: int) -> list[list[int]]:
+    """Each chunk's blocks up to its context, padded with block 0 (never read: past the context) to one width."""
+    tables = [list(chunk.block_table[: -(-chunk.context_len // block_size)]) for chunk in chunks]
+    width = max(map(len, tables), default=0)
+    return [table + [0] * (width - len(table)) for table in tables]

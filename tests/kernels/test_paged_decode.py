@@ -72,13 +72,13 @@ def test_triton_paged_decode_matches_fp64(kernel_device, num_heads, num_kv_heads
 def test_torch_decode_path_matches_fp64_and_needs_no_device_reads(sliding_window):
     seed = random.randrange(1 << 30)
     q, k_cache, v_cache, block_tables, context_lens = random_case(seed, 8, 2, 16, "cpu")
-    cache = PagedKVCache(1, 64, BLOCK_SIZE, 2, 16, torch.float32, "cpu", sliding_window, decode_backend="torch")
+    cache = PagedKVCache(1, 64, BLOCK_SIZE, 2, 16, torch.float32, "cpu", sliding_window, attention_backend="torch")
     # Each row's new token is its last position: write it through attend(), the rest of the history beforehand.
     k_new = torch.stack([k_cache[t[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE]
                          for t, n in zip(block_tables, context_lens, strict=True)])
     v_new = torch.stack([v_cache[t[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE]
                          for t, n in zip(block_tables, context_lens, strict=True)])
-    cache.k_cache[0], cache.v_cache[0] = k_cache, v_cache
+    cache.k_cache[0, : len(k_cache)], cache.v_cache[0, : len(v_cache)] = k_cache, v_cache  # the scratch block past them
     cache.set_batch([PagedSequenceChunk(i, 1, n - 1, t)
                      for i, (t, n) in enumerate(zip(block_tables, context_lens, strict=True))])
     got = cache.attend(0, q, k_new, v_new)
@@ -86,14 +86,14 @@ def test_torch_decode_path_matches_fp64_and_needs_no_device_reads(sliding_window
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
 
 
-def test_decode_backend_is_checked():
-    with pytest.raises(ValueError, match="unknown decode attention backend"):
-        PagedKVCache(1, 4, BLOCK_SIZE, 1, 8, torch.float32, "cpu", decode_backend="flash")
-    assert PagedKVCache(1, 4, BLOCK_SIZE, 1, 8, torch.float32, "cpu").decode_backend == "torch"
+def test_attention_backend_is_checked():
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        PagedKVCache(1, 4, BLOCK_SIZE, 1, 8, torch.float32, "cpu", attention_backend="flash")
+    assert PagedKVCache(1, 4, BLOCK_SIZE, 1, 8, torch.float32, "cpu").attention_backend == "torch"
 
 
-@pytest.mark.parametrize("decode_backend", ["torch", "triton"])  # triton: under the interpreter without a GPU
-def test_entries_no_row_owns_are_never_read(decode_backend):
+@pytest.mark.parametrize("attention_backend", ["torch", "triton"])  # triton: under the interpreter without a GPU
+def test_entries_no_row_owns_are_never_read(attention_backend):
     """Every cache entry outside the rows' own positions (unwritten block tails, block 0, free blocks) is NaN, as a
     previous owner (a broken adapter's request) may leave it: no row's output may turn NaN (masked weights are 0, and
     0 · NaN is NaN, so such entries must not be read at all)."""
@@ -103,8 +103,8 @@ def test_entries_no_row_owns_are_never_read(decode_backend):
     for table, n in zip(block_tables, context_lens, strict=True):
         owned[[table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(n)]] = True
     k_cache[~owned], v_cache[~owned] = float("nan"), float("nan")
-    cache = PagedKVCache(1, 64, BLOCK_SIZE, 2, 16, torch.float32, "cpu", decode_backend=decode_backend)
-    cache.k_cache[0], cache.v_cache[0] = k_cache, v_cache
+    cache = PagedKVCache(1, 64, BLOCK_SIZE, 2, 16, torch.float32, "cpu", attention_backend=attention_backend)
+    cache.k_cache[0, : len(k_cache)], cache.v_cache[0, : len(v_cache)] = k_cache, v_cache  # the scratch block past them
     last = [t[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE
             for t, n in zip(block_tables, context_lens, strict=True)]
     cache.set_batch([PagedSequenceChunk(i, 1, n - 1, t)

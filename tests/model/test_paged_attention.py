@@ -1,6 +1,6 @@
 """The paged KV cache against transformers: chunked prefills and decodes of several sequences share forward passes,
-with their blocks scattered over the cache in random order; every position's logits match one full prefill. Decodes
-run through both decode backends."""
+with their blocks scattered over the cache in random order; every position's logits match one full prefill. Both attention
+backends: torch, and Triton (one launch per layer for the prefill chunks, one for the decodes)."""
 
 import random
 
@@ -14,8 +14,8 @@ from tests.reference import assert_close_relative, hf_logits, save_random_hf_mod
 BLOCK_SIZE = 4
 
 
-@pytest.mark.parametrize("decode_backend", ["torch", "triton"])  # triton: under the interpreter without a GPU
-def test_chunked_prefill_and_decode_through_scattered_blocks(tmp_path, decode_backend):
+@pytest.mark.parametrize("attention_backend", ["torch", "triton"])  # triton: under the interpreter without a GPU
+def test_chunked_prefill_and_decode_through_scattered_blocks(tmp_path, attention_backend):
     hf_model = save_random_hf_model(tmp_path, "MistralForCausalLM", sliding_window=6, seed=4)
     model = load_model(tmp_path, torch.device("cpu"), torch.float32)
     c = model.config
@@ -25,7 +25,7 @@ def test_chunked_prefill_and_decode_through_scattered_blocks(tmp_path, decode_ba
     random.Random(6).shuffle(free_blocks)  # blocks out of order, so a wrong block table cannot go unnoticed
     block_tables: list[list[int]] = [[] for _ in sequences]
     cache = PagedKVCache(c.num_layers, 40, BLOCK_SIZE, c.num_kv_heads, c.head_dim, torch.float32, "cpu",
-                         c.sliding_window, decode_backend=decode_backend)
+                         c.sliding_window, attention_backend=attention_backend)
     computed = [0, 0, 0]  # positions of each sequence already in the cache
     logits_by_seq: list[list[torch.Tensor]] = [[] for _ in sequences]
     # Per step: how many new tokens each sequence feeds (0 = sits out): chunked prefills beside decodes.
