@@ -1,11 +1,13 @@
 """Everything that needs a GPU, in one run that fits a short lease: `make gpu-check` (or `python -m
 lora_server.gpu_check --out FILE`).
 
-1. The tests that compile for real on CUDA: the LoRA kernels (fp32, fp16, bf16) and the paged decode kernel against
-   their fp64 references, the paged cache through both decode backends, and the CUDA engine against the CPU one
-   (tests/kernels, tests/model/test_paged_attention.py, the `cuda`-marked tests).
+1. The tests that compile for real on CUDA: the LoRA kernels (fp32, fp16, bf16) and the paged decode and prefill
+   kernels against their fp64 references, the paged cache through both attention backends against transformers,
+   captured decode graphs replayed against the plain step, and the CUDA engine (graphs on) against the CPU one
+   (tests/kernels, tests/model/test_paged_attention.py, tests/model/test_cuda_graphs.py, tests/e2e/test_cuda.py).
 2. `python -m lora_server.kernels.bench --quick`: the kernels against the copy bandwidth.
-3. `python -m lora_server.engine.bench --device cuda` at a 7B-like layer shape (hidden 4096, bf16), with the PEFT
+3. `python -m lora_server.model.bench_graphs`: decode step time, plain against a replayed CUDA graph, batch 1-64.
+4. `python -m lora_server.engine.bench --device cuda` at a 7B-like layer shape (hidden 4096, bf16), with the PEFT
    peer on the same GPU.
 
 Each part has its own time limit, so one that hangs cannot take the others' share; their outputs go, with the device
@@ -22,15 +24,17 @@ from pathlib import Path
 
 import torch
 
-PARTS: list[tuple[str, list[str], int]] = [  # (title, command, seconds allowed): 8.5 minutes in all
+PARTS: list[tuple[str, list[str], int]] = [  # (title, command, seconds allowed): 8 minutes in all
     ("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels",
-                    "tests/model/test_paged_attention.py", "tests/e2e/test_cuda.py"], 150),
-    ("kernels bench (--quick)", [sys.executable, "-m", "lora_server.kernels.bench", "--quick"], 90),
+                    "tests/model/test_paged_attention.py", "tests/model/test_cuda_graphs.py",
+                    "tests/e2e/test_cuda.py"], 150),
+    ("kernels bench (--quick)", [sys.executable, "-m", "lora_server.kernels.bench", "--quick"], 75),
+    ("decode step, plain vs CUDA graph", [sys.executable, "-m", "lora_server.model.bench_graphs"], 60),
     # 2 layers: the per-layer work is what is measured, and writing a deeper random checkpoint costs the lease time.
     ("engine bench, hidden 4096, bf16", [sys.executable, "-m", "lora_server.engine.bench", "--device", "cuda",
                                          "--dtype", "bfloat16", "--hidden", "4096", "--layers", "2",
                                          "--vocab", "8192", "--requests", "128", "--max-num-seqs", "64",
-                                         "--rounds", "2", "--peer-requests", "32"], 270),
+                                         "--rounds", "1", "--peer-requests", "32"], 195),
 ]
 
 

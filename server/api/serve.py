@@ -44,6 +44,9 @@ from lora_server.api.state import ServerState
 from lora_server.engine.build import EngineOptions
 from lora_server.engine.merging.control import MERGE_MODES
 from lora_server.kernels.lora_ops import LORA_BACKENDS
+from lora_server.model.attention import ATTENTION_BACKENDS
+from lora_server.model.cuda_graphs import CUDA_GRAPH_SETTINGS, resolve_cuda_graphs
+from lora_server.model.loader import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     model.add_argument("--lora-backend", choices=list(LORA_BACKENDS), default="auto")
+    model.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
+                       help="paged attention: Triton kernels reading the cache in place (auto: on CUDA) or torch")
+    model.add_argument("--cuda-graphs", choices=list(CUDA_GRAPH_SETTINGS), default="auto",
+                       help="replay decode steps from CUDA graphs captured at startup (auto: on CUDA; on: refused "
+                            "elsewhere)")
+    model.add_argument("--compile", action="store_true",
+                       help="decode steps through torch.compile (slower on CPU; the first steps compile)")
     model.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")
     model.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one forward pass")
     model.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
@@ -163,7 +173,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     """The engine's options from the flags; ValueError for a bad combination (before anything loads)."""
     options = EngineOptions(device=args.device, dtype=args.dtype, quantize=args.quantize,
-                            lora_backend=args.lora_backend, max_num_seqs=args.max_num_seqs,
+                            lora_backend=args.lora_backend, attention_backend=args.attention_backend,
+                            cuda_graphs=args.cuda_graphs, compile=args.compile, max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                             kv_cache_bytes=args.kv_cache_bytes, max_adapters_on_device=args.max_adapters_on_device,
                             max_lora_rank=args.max_lora_rank, adapter_host_bytes=args.adapter_host_bytes,
@@ -172,6 +183,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
                             merge_min_steps_between_switches=args.merge_min_steps_between_switches,
                             merge_budget_bytes=args.merge_budget_bytes)
     _ = options.merge_policy_config  # checks the auto policy's numbers now, rather than after the model has loaded
+    resolve_cuda_graphs(options.cuda_graphs, resolve_device(options.device))  # likewise: "on" without CUDA
     return options
 
 

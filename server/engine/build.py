@@ -7,6 +7,7 @@ of free device memory on CUDA and at 1 GiB on CPU), and the maximum sequence len
 """
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lora_server.engine.scheduling.scheduler import SchedulerConfig
 from lora_server.kernels.lora_ops import resolve_lora_backend
 from lora_server.model.attention import PagedKVCache
 from lora_server.model.config import ModelConfig, lora_target_shapes
+from lora_server.model.cuda_graphs import CUDA_GRAPH_SETTINGS, DecodeGraphs, resolve_cuda_graphs
 from lora_server.model.llama import LlamaModel
 from lora_server.model.loader import load_model, read_config, resolve_device, resolve_dtype
 from lora_server.model.tokenizer import Tokenizer, load_tokenizer
@@ -39,8 +41,9 @@ class EngineOptions:
     dtype: str = "auto"
     quantize: str = "none"  # none | nf4
     lora_backend: str = "auto"  # auto | triton | torch
-    decode_attention: str = "auto"  # auto | triton | torch: see server.model.attention.PagedKVCache
+    attention_backend: str = "auto"  # auto | triton | torch: see server.model.attention.PagedKVCache
     compile: bool = False  # decode steps through torch.compile (server.model.compiled); a first step takes minutes
+    cuda_graphs: str = "auto"  # auto (on exactly on CUDA) | on | off: decode steps replayed (server.model.cuda_graphs)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     prefill_chunk_size: int | None = None
@@ -62,6 +65,8 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.quantize not in ("none", "nf4"):
             raise ValueError(f"quantize must be none or nf4, got {self.quantize!r}")
+        if self.cuda_graphs not in CUDA_GRAPH_SETTINGS:
+            raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPH_SETTINGS)}, got {self.cuda_graphs!r}")
         if self.merge_policy not in MERGE_MODES:
             raise ValueError(f"merge_policy must be one of {', '.join(MERGE_MODES)}, got {self.merge_policy!r}")
 
@@ -97,6 +102,7 @@ def open_engine(model_dir: Path, store: AdapterStore | None, options: EngineOpti
                 model_name: str | None = None) -> LoadedEngine:
     """`store`, when given, must have been opened with `base_description(model_dir)`; None serves the base only."""
     device = resolve_device(options.device)
+    use_cuda_graphs = resolve_cuda_graphs(options.cuda_graphs, device)  # refused before the model loads
     config = read_config(model_dir)
     model = load_model(model_dir, device, resolve_dtype(options.dtype, device, config.checkpoint_dtype))
     model.set_lora_backend(resolve_lora_backend(options.lora_backend, device))
@@ -114,8 +120,17 @@ def open_engine(model_dir: Path, store: AdapterStore | None, options: EngineOpti
         merge = MergeControl(model, residency, options.merge_policy, options.merge_policy_config,
                              options.merge_budget_bytes)
     kv_cache, scheduler_config = _kv_cache_and_limits(model, device, options)
-    runner = ModelRunner(model, kv_cache, lora_batches=merge.lora_batches if merge else None,
-                         compile_decode=options.compile)
+    decode_graphs = None
+    if use_cuda_graphs:  # captured now, before the adapter loader or the step loop touch the device
+        started = time.perf_counter()
+        num_lora_batches = (0,) if merge is None else (0, 1) if options.merge_policy == "off" else (0, 1, 2)
+        decode_graphs = DecodeGraphs(model, kv_cache, scheduler_config.max_num_seqs,
+                                     -(-scheduler_config.max_model_len // scheduler_config.block_size),
+                                     options.max_lora_rank, capture=True, num_lora_batches=num_lora_batches)
+        logger.info("CUDA graphs: %d decode batch sizes captured in %.1f s", len(decode_graphs.buckets),
+                    time.perf_counter() - started)
+    runner = ModelRunner(model, kv_cache, lora_slot_lists=merge.slot_lists if merge else None,
+                         compile_decode=options.compile, decode_graphs=decode_graphs)
 
     engine = LoadedEngine(runner, scheduler_config, tokenizer, model, catalog, residency, merge, store,
                           model_name or Path(model_dir).name)
@@ -157,13 +172,13 @@ def _kv_cache_and_limits(model: LlamaModel, device: torch.device,
             budget = min(wanted, free // 4)
         else:
             budget = min(wanted, CPU_KV_CACHE_CAP_BYTES)
-    num_blocks = budget // (block * bytes_per_token)
+    num_blocks = budget // (block * bytes_per_token) - 1  # the cache adds its scratch block (PagedKVCache)
     if num_blocks < 2:
         raise ValueError(f"a KV cache of {budget} bytes holds fewer than 2 blocks of {block} tokens "
                          f"({bytes_per_token} bytes per token)")
     max_len = min(max_len, num_blocks * block)
     kv_cache = PagedKVCache(config.num_layers, num_blocks, block, config.num_kv_heads, config.head_dim, dtype,
-                            device, config.sliding_window, decode_backend=options.decode_attention)
+                            device, config.sliding_window, attention_backend=options.attention_backend)
     scheduler_config = SchedulerConfig(num_blocks=num_blocks, max_model_len=max_len, block_size=block,
                                        max_num_batched_tokens=max(options.max_num_batched_tokens, options.max_num_seqs),
                                        max_num_seqs=options.max_num_seqs, max_overtakes=options.max_overtakes,

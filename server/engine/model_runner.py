@@ -6,6 +6,7 @@ chunk (prefill chunks and decodes together), each chunk's block table (the cache
 from all of them at once), each token's LoRA slot (the chunk's, which the scheduler read from the sequence's hold);
 the step's LoRA batch built once and read by every layer; one forward pass, logits only at the last position of chunks
 that end at their sequence's last token, and one sample for each of those with the sequence's own sampling state.
+A step of decodes only replays a CUDA graph when the runner has them (`--cuda-graphs`, server.model.cuda_graphs).
 
 A sequence whose row cannot be sampled (its logits are NaN or infinite, e.g. from a broken adapter; or its draw
 raises) is reported in `StepResult.failed` rather than failing the step: the others get their tokens as usual.
@@ -23,8 +24,8 @@ from lora_server.engine.scheduling.sequence import Sequence
 from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
 from lora_server.model.attention import PagedKVCache, PagedSequenceChunk
 from lora_server.model.compiled import compile_decode_forward
+from lora_server.model.cuda_graphs import DecodeGraphs
 from lora_server.model.llama import LlamaModel
-from lora_server.model.lora_linear import LoraBatches
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,18 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: PagedKVCache,
-                 lora_batches: Callable[[list[int]], LoraBatches] | None = None, compile_decode: bool = False) -> None:
+                 lora_slot_lists: Callable[[list[int]], tuple[list[int], ...]] | None = None,
+                 compile_decode: bool = False, decode_graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = model.embed_tokens.weight.device
-        # Per-token slots -> the LoRA batches of a forward pass (MergeControl's, which compensate while merged).
-        self.lora_batches = lora_batches or (lambda token_slots: LoraBatch.build(token_slots, self.device))
+        # Per-token slots -> the slots of each LoRA batch of a forward pass (MergeControl's: a second, compensating
+        # batch while an adapter is merged); without adapters, the tokens' own slots.
+        self.lora_slot_lists = lora_slot_lists or (lambda token_slots: (token_slots,))
         # Pure-decode steps through one compiled graph (`--compile`); steps with prefill chunks stay eager.
         self.decode_forward = compile_decode_forward(model) if compile_decode else None
+        # Pure-decode steps that fit a bucket replay a CUDA graph (`--cuda-graphs`); others run as usual.
+        self.decode_graphs = decode_graphs
 
     @torch.no_grad()  # not inference_mode: the compiled forward cannot take inference tensors (see LlamaModel)
     def run(self, batch: ScheduledBatch) -> StepResult:
@@ -68,12 +73,7 @@ class ModelRunner:
             ids += chunk.token_ids
             positions += range(start, start + n)
             token_slots += [NO_SLOT if chunk.lora_slot is None else chunk.lora_slot] * n
-        self.kv_cache.set_batch(tuple(chunks))
-        ids_and_positions = torch.tensor([ids, positions]).to(self.device, non_blocking=True)  # [2, num_tokens]
-        all_decode = self.kv_cache.tables.decode_all
-        forward = self.decode_forward if self.decode_forward is not None and all_decode else self.model
-        hidden = forward(ids_and_positions[0], ids_and_positions[1],
-                         self.kv_cache, self.lora_batches(token_slots))  # [num_tokens, hidden]
+        hidden = self._forward(ids, positions, chunks, token_slots)  # [num_tokens, hidden]
 
         sampled = [(c, pc) for c, pc in zip(ordered, chunks, strict=True) if c.is_sampled]
         if not sampled:
@@ -91,6 +91,23 @@ class ModelRunner:
                      for seq, token, lp in zip(seqs, rows.token_ids, rows.logprobs, strict=True) if token is not None},
             failed={seqs[row].seq_id: f"{why} ({_served_by(seqs[row])})" for row, why in rows.errors.items()},
         )
+
+
+    def _forward(self, ids: list[int], positions: list[int], chunks: list[PagedSequenceChunk],
+                 token_slots: list[int]) -> torch.Tensor:
+        """The step's forward pass: a CUDA graph's replay when one fits, else the (compiled or eager) model."""
+        # Lists of NO_SLOT only add nothing: dropped, so a base-only step runs without LoRA launches.
+        slot_lists = [slots for slots in self.lora_slot_lists(token_slots) if any(s != NO_SLOT for s in slots)]
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(chunks, len(slot_lists)):
+            return graphs.run(ids, chunks, slot_lists)
+        self.kv_cache.set_batch(tuple(chunks))
+        ids_and_positions = torch.tensor([ids, positions]).to(self.device, non_blocking=True)  # [2, num_tokens]
+        all_decode = self.kv_cache.tables.decode_all
+        forward = self.decode_forward if self.decode_forward is not None and all_decode else self.model
+        batches = tuple(LoraBatch.build(slots, self.device) for slots in slot_lists)
+        return forward(ids_and_positions[0], ids_and_positions[1], self.kv_cache,
+                       batches[0] if len(batches) == 1 else batches or None)
 
 
 def _served_by(seq: Sequence) -> str:

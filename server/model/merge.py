@@ -189,13 +189,19 @@ def _merged_dense_copy(base: DequantizableBase, slice_offsets: Sequence[int],
 
 def merged_lora_batches(token_slots: Sequence[int], merged: MergedSlot,
                         device: torch.device | str = "cpu") -> tuple[LoraBatch, LoraBatch]:
-    """(own-term batch, compensation batch) for a forward pass while `merged` is in place.
+    """(own-term batch, compensation batch) for a forward pass while `merged` is in place: the runs of
+    `merged_slot_lists` (see kernels.lora_batch). In a step ordered by adapter, the compensation batch is the few
+    runs around the merged adapter's tokens, each a view of x and out."""
+    own, compensation = merged_slot_lists(token_slots, merged)
+    return LoraBatch.build(own, device), LoraBatch.build(compensation, device)
+
+
+def merged_slot_lists(token_slots: Sequence[int], merged: MergedSlot) -> tuple[list[int], list[int]]:
+    """(own slots, compensation slots) per token while `merged` is in place.
 
     Tokens of the merged slot get neither term (the base already holds their adapter); every other token, base-only
-    ones included, gets the compensation term −δ_m; tokens of other slots also keep their own term. Both are built
-    as runs (see kernels.lora_batch): in a step ordered by adapter, the compensation batch is the few runs around the
-    merged adapter's tokens, each a view of x and out."""
+    ones included, gets the compensation term −δ_m; tokens of other slots also keep their own term."""
     assert merged.is_merged
     own = [NO_SLOT if slot == merged.slot else slot for slot in token_slots]
     compensation = [NO_SLOT if slot == merged.slot else merged.compensation_slot for slot in token_slots]
-    return LoraBatch.build(own, device), LoraBatch.build(compensation, device)
+    return own, compensation

@@ -7,8 +7,10 @@ import os
 import stat
 
 import pytest
+import torch
 
 from lora_server.adapters_store import StoreLimits
+from lora_server.api import serve
 from lora_server.api.adapter_dirs import AdapterDirError, allowed_dir, read_adapter_dir
 from lora_server.api.cli_options import AccessLogFilter, JsonFormatter
 from lora_server.api.errors import ApiError
@@ -114,3 +116,14 @@ def test_a_symlinked_file_cannot_lead_out(tmp_path):
     assert set(files) == {"adapter_config.json", "adapter_model.safetensors"}
     with pytest.raises(AdapterDirError, match="over"):
         read_adapter_dir(root / "adapter", StoreLimits(max_config_bytes=8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_serve_refuses_cuda_graphs_on_without_cuda(caplog):
+    """--cuda-graphs on where there is no CUDA is refused by name, before anything loads; auto and off serve."""
+    args = build_parser().parse_args(["serve", "--cuda-graphs", "on"])
+    assert serve.run_serve(args) == 2
+    assert "--cuda-graphs on needs a CUDA device" in caplog.text
+    for setting in ("auto", "off"):
+        args = build_parser().parse_args(["serve", "--cuda-graphs", setting])
+        assert serve.engine_options(args).cuda_graphs == setting

@@ -21,9 +21,10 @@ BLOCK_SIZE = 4
 NUM_BLOCKS = 64
 
 
-def loaded_model(lora_backend: str):
-    """The tiny model with three adapters in slots 0-2: ranks 2, 8, and 4 with v_proj at rank 1 and no down_proj."""
-    model = tiny_model(seed=1)
+def loaded_model(lora_backend: str, device: torch.device | str = "cpu"):
+    """The tiny model with three adapters in slots 0-2: ranks 2, 8, and 4 with v_proj at rank 1 and no down_proj
+    (rows 0-13 of a 32-row pool; slot 3 is free)."""
+    model = tiny_model(seed=1).to(device)
     model.allocate_lora_pool(total_rows=32, num_slots=4)
     model.set_lora_backend(lora_backend)
     row = 0
@@ -61,9 +62,9 @@ def test_decode_forward_is_one_graph_and_matches_eager(lora_backend):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     model = loaded_model(lora_backend)
-    decode_backend = "triton" if lora_backend == "triton" else "torch"
+    attention_backend = "triton" if lora_backend == "triton" else "torch"
     cache = PagedKVCache(TINY.num_layers, NUM_BLOCKS, BLOCK_SIZE, TINY.num_kv_heads, TINY.head_dim, torch.float32,
-                         "cpu", decode_backend=decode_backend)
+                         "cpu", attention_backend=attention_backend)
     free = list(range(NUM_BLOCKS))
     rng.shuffle(free)
     slots = [0, NO_SLOT, 1, 2, 1, 0, NO_SLOT, 2]

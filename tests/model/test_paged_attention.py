@@ -1,6 +1,6 @@
 """The paged KV cache against transformers: chunked prefills and decodes of several sequences share forward passes,
-with their blocks scattered over the cache in random order; every position's logits match one full prefill. Both attention
-backends: torch, and Triton (one launch per layer for the prefill chunks, one for the decodes)."""
+with their blocks scattered over the cache in random order; every position's logits match one full prefill. Both
+attention backends: torch, and Triton (one launch per layer for the prefill chunks, one for the decodes)."""
 
 import random
 

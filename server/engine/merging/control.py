@@ -22,10 +22,8 @@ from lora_server.engine.adapters.keys import AdapterKey
 from lora_server.engine.adapters.residency import Residency
 from lora_server.engine.merging.policy import AutoMergePolicy, MergePolicyConfig
 from lora_server.engine.scheduling.batch import ScheduledBatch
-from lora_server.kernels.lora_batch import LoraBatch
 from lora_server.model.llama import LlamaModel
-from lora_server.model.lora_linear import LoraBatches
-from lora_server.model.merge import MergedSlot, merge_slot_, merged_lora_batches, unmerge_
+from lora_server.model.merge import MergedSlot, merge_slot_, merged_slot_lists, unmerge_
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +67,11 @@ class MergeControl:
 
     # ---------------------------------------------------------------- what a forward pass uses
 
-    def lora_batches(self, token_slots: list[int]) -> LoraBatches:
+    def slot_lists(self, token_slots: list[int]) -> tuple[list[int], ...]:
+        """The slots of each LoRA batch of a forward pass: the tokens' own, and while merged the compensation's."""
         if self._merged is None:
-            return LoraBatch.build(token_slots, self.device)
-        return merged_lora_batches(token_slots, self._merged, self.device)
+            return (token_slots,)
+        return merged_slot_lists(token_slots, self._merged)
 
     # ---------------------------------------------------------------- requests (engine thread)
 
