@@ -166,7 +166,8 @@ def _kv_cache_and_limits(model: LlamaModel, device: torch.device,
     max_len = min(options.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     budget = options.kv_cache_bytes
     if budget is None:
-        wanted = options.max_num_seqs * max_len * bytes_per_token
+        # Every admitted sequence at full length, and the cache's scratch block (see PagedKVCache).
+        wanted = (options.max_num_seqs * max_len + block) * bytes_per_token
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             budget = min(wanted, free // 4)
@@ -174,8 +175,8 @@ def _kv_cache_and_limits(model: LlamaModel, device: torch.device,
             budget = min(wanted, CPU_KV_CACHE_CAP_BYTES)
     num_blocks = budget // (block * bytes_per_token) - 1  # the cache adds its scratch block (PagedKVCache)
     if num_blocks < 2:
-        raise ValueError(f"a KV cache of {budget} bytes holds fewer than 2 blocks of {block} tokens "
-                         f"({bytes_per_token} bytes per token)")
+        raise ValueError(f"a KV cache of {budget} bytes holds fewer than 3 blocks of {block} tokens, two for "
+                         f"sequences and one scratch ({bytes_per_token} bytes per token)")
     max_len = min(max_len, num_blocks * block)
     kv_cache = PagedKVCache(config.num_layers, num_blocks, block, config.num_kv_heads, config.head_dim, dtype,
                             device, config.sliding_window, attention_backend=options.attention_backend)
