@@ -1,6 +1,6 @@
 """Paged decode attention in Triton: each new token attends to its own sequence's keys where they lie in the cache.
 
-The torch path (server.model.attention) gathers every sequence's keys and values into a padded tensor per layer, so
+The torch path (server.model.paged_cache) gathers every sequence's keys and values into a padded tensor per layer, so
 each step copies the KV cache once more than it reads it. Here one program per (token, query head) walks its
 sequence's block table and reads each block in place, with an online softmax in fp32 (no padded copy, no mask
 tensor): the bytes a decode step moves are the cache's own.

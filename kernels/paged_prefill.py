@@ -1,10 +1,10 @@
 """Varlen paged prefill attention in Triton: every new token of every chunk in one launch, keys read in place.
 
-The torch path (server.model.attention) loops over prefill chunks in Python in every layer, gathering each chunk's
-whole history into a new tensor and building a mask. Here one program per (query tile, query head) walks its chunk's
-key positions in tiles, finds each key's cache entry through the block table, and keeps an online softmax in fp32:
-no gather, no mask tensor, no loop on the host. A query tile is up to BLOCK_Q consecutive new tokens of one chunk;
-`prefill_tiles` lists them on the host once per step.
+The torch path (server.model.paged_cache) gathers each chunk's whole history into a new tensor and builds a mask, in
+every layer: one SDPA per chunk, or one over all of them padded when they are alike. Here one program per (query tile,
+query head) walks its chunk's key positions in tiles, finds each key's cache entry through the block table, and keeps
+an online softmax in fp32: no gather, no mask tensor, no loop on the host. A query tile is up to BLOCK_Q consecutive
+new tokens of one chunk; `prefill_tiles` lists them on the host once per step.
 
 Semantics (chunk c: query_lens[c] new tokens at rows query_starts[c].. of q and out, at positions start_positions[c]..;
 position p's K/V at entry block_tables[c, p // block_size] * block_size + p % block_size; query head h reads KV head

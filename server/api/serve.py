@@ -44,9 +44,9 @@ from lora_server.api.state import ServerState
 from lora_server.engine.build import EngineOptions
 from lora_server.engine.merging.control import MERGE_MODES
 from lora_server.kernels.lora_ops import LORA_BACKENDS
-from lora_server.model.attention import ATTENTION_BACKENDS
 from lora_server.model.cuda_graphs import CUDA_GRAPH_SETTINGS, resolve_cuda_graphs
 from lora_server.model.loader import resolve_device
+from lora_server.model.paged_cache import ATTENTION_BACKENDS
 
 logger = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from lora_server.engine.merging.policy import MergePolicyConfig
 from lora_server.engine.model_runner import ModelRunner
 from lora_server.engine.scheduling.scheduler import SchedulerConfig
 from lora_server.kernels.lora_ops import resolve_lora_backend
-from lora_server.model.attention import PagedKVCache
 from lora_server.model.config import ModelConfig, lora_target_shapes
 from lora_server.model.cuda_graphs import CUDA_GRAPH_SETTINGS, DecodeGraphs, resolve_cuda_graphs
 from lora_server.model.llama import LlamaModel
 from lora_server.model.loader import load_model, read_config, resolve_device, resolve_dtype
+from lora_server.model.paged_cache import PagedKVCache
 from lora_server.model.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class EngineOptions:
     dtype: str = "auto"
     quantize: str = "none"  # none | nf4
     lora_backend: str = "auto"  # auto | triton | torch
-    attention_backend: str = "auto"  # auto | triton | torch: see server.model.attention.PagedKVCache
+    attention_backend: str = "auto"  # auto | triton | torch: see server.model.paged_cache.PagedKVCache
     compile: bool = False  # decode steps through torch.compile (server.model.compiled); a first step takes minutes
     cuda_graphs: str = "auto"  # auto (on exactly on CUDA) | on | off: decode steps replayed (server.model.cuda_graphs)
     max_num_seqs: int = 64

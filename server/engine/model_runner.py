@@ -22,10 +22,10 @@ from lora_server.engine.sampler import SamplingParams, TokenHistory, sample_rows
 from lora_server.engine.scheduling.batch import ScheduledBatch
 from lora_server.engine.scheduling.sequence import Sequence
 from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
-from lora_server.model.attention import PagedKVCache, PagedSequenceChunk
 from lora_server.model.compiled import compile_decode_forward
 from lora_server.model.cuda_graphs import DecodeGraphs
 from lora_server.model.llama import LlamaModel
+from lora_server.model.paged_cache import PagedKVCache, PagedSequenceChunk
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ import torch
 
 from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
 from lora_server.kernels.lora_ops import resolve_lora_backend
-from lora_server.model.attention import PagedKVCache, PagedSequenceChunk
 from lora_server.model.config import PACKED_MODULES, ModelConfig
 from lora_server.model.cuda_graphs import DecodeGraphs
 from lora_server.model.llama import LlamaModel
+from lora_server.model.paged_cache import PagedKVCache, PagedSequenceChunk
 
 
 def random_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LlamaModel:

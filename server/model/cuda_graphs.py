@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from lora_server.kernels.lora_batch import NO_SLOT, TokenSlots
-from lora_server.model.attention import PagedKVCache, PagedSequenceChunk
 from lora_server.model.llama import LlamaModel
+from lora_server.model.paged_cache import PagedKVCache, PagedSequenceChunk
 
 MAX_LORA_BATCHES = 2  # own terms, and a merged adapter's compensation term (server.model.merge)
 CUDA_GRAPH_SETTINGS = ("auto", "on", "off")

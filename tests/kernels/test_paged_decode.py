@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_server.kernels.paged_decode import paged_decode_triton
-from lora_server.model.attention import PagedKVCache, PagedSequenceChunk
+from lora_server.model.paged_cache import PagedKVCache, PagedSequenceChunk
 
 BLOCK_SIZE = 4
 

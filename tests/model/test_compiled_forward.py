@@ -13,8 +13,8 @@ import torch._dynamo
 import torch._dynamo.testing
 
 from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
-from lora_server.model.attention import PagedKVCache, PagedSequenceChunk
 from lora_server.model.compiled import compile_decode_forward
+from lora_server.model.paged_cache import PagedKVCache, PagedSequenceChunk
 from tests.engine.residency_helpers import TINY, random_adapter, tiny_model
 
 BLOCK_SIZE = 4

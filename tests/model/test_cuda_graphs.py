@@ -12,8 +12,8 @@ import torch
 
 from lora_server.kernels.lora_batch import NO_SLOT, LoraBatch
 from lora_server.model import bench_graphs
-from lora_server.model.attention import PagedKVCache, PagedSequenceChunk
 from lora_server.model.cuda_graphs import DecodeGraphs, graph_buckets
+from lora_server.model.paged_cache import PagedKVCache, PagedSequenceChunk
 from tests.engine.residency_helpers import TINY, random_adapter
 from tests.model.test_compiled_forward import BLOCK_SIZE, NUM_BLOCKS, loaded_model, prefill
 

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from lora_server.model.attention import PagedKVCache, PagedSequenceChunk
 from lora_server.model.loader import load_model
+from lora_server.model.paged_cache import PagedKVCache, PagedSequenceChunk
 from tests.reference import assert_close_relative, hf_logits, save_random_hf_model
 
 BLOCK_SIZE = 4
@@ -28,8 +28,10 @@ def test_chunked_prefill_and_decode_through_scattered_blocks(tmp_path, attention
                          c.sliding_window, attention_backend=attention_backend)
     computed = [0, 0, 0]  # positions of each sequence already in the cache
     logits_by_seq: list[list[torch.Tensor]] = [[] for _ in sequences]
-    # Per step: how many new tokens each sequence feeds (0 = sits out): chunked prefills beside decodes.
-    plan = [(7, 0, 0), (5, 11, 0), (7, 1, 9), (0, 1, 5)] + [(1, 1, 1)] * 6
+    # Per step: how many new tokens each sequence feeds (0 = sits out): chunked prefills beside decodes. The first
+    # step's chunks are alike (the torch backend pads them into one SDPA), the next ones are not (one SDPA each).
+    plan = [(4, 4, 4), (3, 7, 0), (5, 1, 0), (7, 1, 10)] + [(1, 1, 1)] * 6
+    forms = []
 
     for step in plan:
         chunks, ids, positions, start = [], [], [], 0
@@ -44,6 +46,9 @@ def test_chunked_prefill_and_decode_through_scattered_blocks(tmp_path, attention
             positions += range(computed[i], end)
             start += n
         cache.set_batch(tuple(chunks))
+        tables = cache.tables
+        forms.append("launch" if tables.prefill_launch else "padded" if tables.padded_prefill else
+                     "loop" if tables.prefill else "decode")
         logits = model.compute_logits(model(torch.tensor(ids), torch.tensor(positions), cache))
         active = [i for i, n in enumerate(step) if n]
         for i, chunk_logits in zip(active, logits.split([step[i] for i in active]), strict=True):
@@ -51,5 +56,7 @@ def test_chunked_prefill_and_decode_through_scattered_blocks(tmp_path, attention
             computed[i] += step[i]
 
     assert computed == [len(s) for s in sequences]
+    prefill_forms = ["launch"] * 4 if attention_backend == "triton" else ["padded", "loop", "loop", "loop"]
+    assert forms == prefill_forms + ["decode"] * 6
     for seq, rows in zip(sequences, logits_by_seq, strict=True):
         assert_close_relative(torch.stack(rows), hf_logits(hf_model, seq))
