@@ -16,6 +16,7 @@ named, to one Markdown file. Without CUDA it says so and exits 2.
 
 import argparse
 import datetime
+import importlib.metadata
 import platform
 import subprocess
 import sys
@@ -38,6 +39,21 @@ PARTS: list[tuple[str, list[str], int]] = [  # (title, command, seconds allowed)
 ]
 
 
+# What the parts import beyond this package: a lent machine has no package index, so a missing one is named up front.
+TEST_PACKAGES = ("triton", "transformers", "peft", "safetensors", "pytest", "hypothesis")
+
+
+def installed(names: tuple[str, ...]) -> str:
+    """'name version' for each package, or 'name MISSING'."""
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} MISSING")
+    return ", ".join(found)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("gpu-check-results.md"), help="where the tables go")
@@ -48,7 +64,7 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     lines = [f"# gpu-check, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC", "",
              f"Device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}, Python "
-             f"{platform.python_version()}.", ""]
+             f"{platform.python_version()}.", "", f"Packages: {installed(TEST_PACKAGES)}.", ""]
     failed = []
     for title, command, seconds in PARTS:
         print(f"gpu-check: {title} ...", flush=True)
