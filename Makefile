@@ -34,7 +34,7 @@ test: $(BIN)/.installed
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-index --no-build-isolation -e .
-	$(GPU_PYTHON) -m lora_server.gpu_check --out gpu-check-results.md
+	$(GPU_PYTHON) -P -m lora_server.gpu_check --out gpu-check-results.md
 
 clean:
 	rm -rf $(VENV)

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 PARTS: list[tuple[str, list[str], int]] = [  # (title, command, seconds allowed): 8 minutes in all
-    ("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels",
+    ("CUDA tests", [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels",
                     "tests/model/test_paged_attention.py", "tests/model/test_cuda_graphs.py",
                     "tests/e2e/test_cuda.py"], 150),
-    ("kernels bench (--quick)", [sys.executable, "-m", "lora_server.kernels.bench", "--quick"], 75),
-    ("decode step, plain vs CUDA graph", [sys.executable, "-m", "lora_server.model.bench_graphs"], 60),
+    ("kernels bench (--quick)", [sys.executable, "-P", "-m", "lora_server.kernels.bench", "--quick"], 75),
+    ("decode step, plain vs CUDA graph", [sys.executable, "-P", "-m", "lora_server.model.bench_graphs"], 60),
     # 2 layers: the per-layer work is what is measured, and writing a deeper random checkpoint costs the lease time.
-    ("engine bench, hidden 4096, bf16", [sys.executable, "-m", "lora_server.engine.bench", "--device", "cuda",
+    ("engine bench, hidden 4096, bf16", [sys.executable, "-P", "-m", "lora_server.engine.bench", "--device", "cuda",
                                          "--dtype", "bfloat16", "--hidden", "4096", "--layers", "2",
                                          "--vocab", "8192", "--requests", "128", "--max-num-seqs", "64",
                                          "--rounds", "1", "--peer-requests", "32"], 195),
@@ -52,6 +52,10 @@ def installed(names: tuple[str, ...]) -> str:
         except importlib.metadata.PackageNotFoundError:
             found.append(f"{name} MISSING")
     return ", ".join(found)
+
+
+# Every part runs as `python -P -m ...`: without -P the working directory (the checkout's root) comes first on sys.path,
+# and its folder `kernels/` would shadow the `kernels` package that transformers >= 5.25 imports.
 
 
 def main() -> int:
