@@ -198,3 +198,29 @@ def test_the_torch_path_runs_on_one_thread_and_gives_the_pool_back(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+def test_a_token_slots_batch_compiles_as_one_custom_op():
+    """Under torch.compile a TokenSlots batch is the `apply_lora_per_token` custom op (no graph break), equal to
+    eager, and a second call with other slots in the same tensor reuses the graph."""
+    import torch._dynamo.testing
+
+    case = make_case(torch.float32, 50, GQA, RANKS, TOKEN_SLOTS, seed=8)
+    tensors = case.tensors(torch.device("cpu"))
+    weights = case.weights(tensors)
+    slots = torch.tensor(TOKEN_SLOTS, dtype=torch.int32)
+    batch = TokenSlots.over(slots, GRAPH_RANK_BOUND)
+
+    def lora_term(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        apply_lora("torch", x, out, weights, batch)
+        return out
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lora_term, backend=counter, fullgraph=True)
+    for step_slots in (TOKEN_SLOTS, list(reversed(TOKEN_SLOTS))):
+        slots.copy_(torch.tensor(step_slots, dtype=torch.int32))
+        got = compiled(tensors["x"], tensors["out"])
+        torch.testing.assert_close(got, lora_term(tensors["x"], tensors["out"]))
+    assert counter.frame_count == 1
+    assert any("apply_lora_per_token" in str(node.target) for graph in counter.graphs for node in graph.graph.nodes)
