@@ -5,9 +5,11 @@ lora_server.gpu_check --out FILE`).
    kernels against their fp64 references, the paged cache through both attention backends against transformers,
    captured decode graphs replayed against the plain step, and the CUDA engine (graphs on) against the CPU one
    (tests/kernels, tests/model/test_paged_attention.py, tests/model/test_cuda_graphs.py, tests/e2e/test_cuda.py).
-2. `python -m lora_server.kernels.bench --quick`: the kernels against the copy bandwidth.
-3. `python -m lora_server.model.bench_graphs`: decode step time, plain against a replayed CUDA graph, batch 1-64.
-4. `python -m lora_server.engine.bench --device cuda` at a 7B-like layer shape (hidden 4096, bf16), with the PEFT
+2. `python -m lora_server.kernels.bench --quick`: the LoRA kernels against the copy bandwidth.
+3. `python -m lora_server.kernels.bench_attention`: the paged decode and prefill kernels against the bytes they read
+   and against a gather-then-SDPA baseline.
+4. `python -m lora_server.model.bench_graphs`: decode step time, plain against a replayed CUDA graph, batch 1-64.
+5. `python -m lora_server.engine.bench --device cuda` at a 7B-like layer shape (hidden 4096, bf16), with the PEFT
    peer on the same GPU.
 
 Each part has its own time limit, so one that hangs cannot take the others' share; their outputs go, with the device
@@ -29,13 +31,14 @@ PARTS: list[tuple[str, list[str], int]] = [  # (title, command, seconds allowed)
     ("CUDA tests", [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels",
                     "tests/model/test_paged_attention.py", "tests/model/test_cuda_graphs.py",
                     "tests/e2e/test_cuda.py"], 150),
-    ("kernels bench (--quick)", [sys.executable, "-P", "-m", "lora_server.kernels.bench", "--quick"], 75),
-    ("decode step, plain vs CUDA graph", [sys.executable, "-P", "-m", "lora_server.model.bench_graphs"], 60),
+    ("kernels bench (--quick)", [sys.executable, "-P", "-m", "lora_server.kernels.bench", "--quick"], 60),
+    ("paged attention kernels", [sys.executable, "-P", "-m", "lora_server.kernels.bench_attention"], 45),
+    ("decode step, plain vs CUDA graph", [sys.executable, "-P", "-m", "lora_server.model.bench_graphs"], 45),
     # 2 layers: the per-layer work is what is measured, and writing a deeper random checkpoint costs the lease time.
     ("engine bench, hidden 4096, bf16", [sys.executable, "-P", "-m", "lora_server.engine.bench", "--device", "cuda",
                                          "--dtype", "bfloat16", "--hidden", "4096", "--layers", "2",
                                          "--vocab", "8192", "--requests", "128", "--max-num-seqs", "64",
-                                         "--rounds", "1", "--peer-requests", "32"], 195),
+                                         "--rounds", "1", "--peer-requests", "32"], 180),
 ]
 
 

@@ -36,3 +36,4 @@ def test_every_part_names_what_exists_and_the_budget_fits_the_lease():
         else:
             assert importlib.util.find_spec(command[3]) is not None, command
     assert sum(seconds for _, _, seconds in gpu_check.PARTS) <= 8 * 60
+
