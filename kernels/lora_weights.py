@@ -69,12 +69,13 @@ class LoraWeights:
         # [num_slots]: each slot's plan, built from the above when the torch path first asks (see `plan`).
         self._plans: list[SlotPlan | None] = [None] * num_slots
         self.max_rank = 0  # the largest rank loaded in any slot and slice: a bound for every batch
-        # Device tables (see `_refresh`): views of one int32 tensor, and the scales.
-        self._device_ints: torch.Tensor | None = None
-        self.device_row_starts = torch.empty(0)  # [num_slots] int32
-        self.device_ranks = torch.empty(0)  # [num_slots, num_slices] int32
-        self.device_scales = torch.empty(0)  # [num_slots, num_slices] fp32
-        self.device_slice_offsets = torch.empty(0)  # [num_slices + 1] int32
+        # Device tables, allocated once and rewritten by `_refresh`: views of one int32 tensor, and the scales.
+        ranks_end = num_slots * (1 + num_slices)
+        self._device_ints = torch.empty(ranks_end + num_slices + 1, dtype=torch.int32, device=lora_a.device)
+        self.device_row_starts = self._device_ints[:num_slots]  # [num_slots] int32
+        self.device_ranks = self._device_ints[num_slots:ranks_end].view(num_slots, num_slices)  # int32
+        self.device_slice_offsets = self._device_ints[ranks_end:]  # [num_slices + 1] int32
+        self.device_scales = torch.empty(num_slots, num_slices, dtype=torch.float32, device=lora_a.device)
         self._refresh()
 
     @classmethod
@@ -150,17 +151,8 @@ class LoraWeights:
         the value it already holds."""
         offsets = self.slice_offsets
         self.max_rank = max((max(ranks, default=0) for ranks in self.ranks), default=0)
-        num_slots, num_slices = self.num_slots, self.num_slices
         ints = torch.tensor([*self.row_starts, *(r for ranks in self.ranks for r in ranks), *offsets],
                             dtype=torch.int32)
-        scales = torch.tensor(self.scales, dtype=torch.float32).view(num_slots, num_slices)
-        if self._device_ints is None:  # the first call (from __init__): allocate; the tables are views of these two
-            self._device_ints = ints.to(self.lora_a.device)
-            self.device_scales = scales.to(self.lora_a.device)
-            ranks_end = num_slots * (1 + num_slices)
-            self.device_row_starts = self._device_ints[:num_slots]
-            self.device_ranks = self._device_ints[num_slots:ranks_end].view(num_slots, num_slices)
-            self.device_slice_offsets = self._device_ints[ranks_end:]
-        else:  # one transfer for the int32 tables, one for the scales
-            self._device_ints.copy_(ints)
-            self.device_scales.copy_(scales)
+        # One transfer for the int32 tables, one for the scales.
+        self._device_ints.copy_(ints)
+        self.device_scales.copy_(torch.tensor(self.scales, dtype=torch.float32).view(self.num_slots, self.num_slices))

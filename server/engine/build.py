@@ -123,7 +123,11 @@ def open_engine(model_dir: Path, store: AdapterStore | None, options: EngineOpti
     decode_graphs = None
     if use_cuda_graphs:  # captured now, before the adapter loader or the step loop touch the device
         started = time.perf_counter()
-        num_lora_batches = (0,) if merge is None else (0, 1) if options.merge_policy == "off" else (0, 1, 2)
+        num_lora_batches = [0]  # base-only steps
+        if merge is not None:
+            num_lora_batches.append(1)  # adapters' own terms
+            if options.merge_policy != "off":
+                num_lora_batches.append(2)  # and a merged adapter's compensation
         decode_graphs = DecodeGraphs(model, kv_cache, scheduler_config.max_num_seqs,
                                      -(-scheduler_config.max_model_len // scheduler_config.block_size),
                                      options.max_lora_rank, capture=True, num_lora_batches=num_lora_batches)

@@ -31,18 +31,23 @@ class SequenceChunk:
     start_position: int
 
 
-def causal_mask(num_queries: int, start_position: int, sliding_window: int | None,
-                device: torch.device) -> torch.Tensor:
-    """Bool mask [num_queries, start_position + num_queries]: True where query i may see key j.
-
-    Query i sits at position start_position + i; it sees keys j <= its position, and with a sliding window only
-    keys with position > its position - window (transformers' definition, the query itself included)."""
-    query_positions = torch.arange(start_position, start_position + num_queries, device=device)[:, None]
-    key_positions = torch.arange(start_position + num_queries, device=device)[None, :]
+def visible_keys(query_positions: torch.Tensor, key_positions: torch.Tensor,
+                 sliding_window: int | None) -> torch.Tensor:
+    """Bool, broadcast of the two position tensors: True where a query may see a key. A query sees keys at positions
+    <= its own, and with a sliding window only keys at positions > its own - window (transformers' definition, the
+    query itself included)."""
     mask = key_positions <= query_positions
     if sliding_window is not None:
         mask &= key_positions > query_positions - sliding_window
     return mask
+
+
+def causal_mask(num_queries: int, start_position: int, sliding_window: int | None,
+                device: torch.device) -> torch.Tensor:
+    """Bool mask [num_queries, start_position + num_queries]: True where query i (at position start_position + i)
+    may see key j."""
+    query_positions = torch.arange(start_position, start_position + num_queries, device=device)[:, None]
+    return visible_keys(query_positions, torch.arange(start_position + num_queries, device=device), sliding_window)
 
 
 class ContiguousKVCache:
@@ -97,9 +102,7 @@ class ContiguousKVCache:
         keys = self.k_cache[layer, rows, :key_len].transpose(1, 2)  # [num_seqs, num_kv_heads, key_len, head_dim]
         values = self.v_cache[layer, rows, :key_len].transpose(1, 2)
         key_positions = torch.arange(key_len, device=q.device)[None, :]
-        mask = key_positions <= positions[:, None]  # [num_seqs, key_len]: each row sees only its own past
-        if self.sliding_window is not None:
-            mask &= key_positions > positions[:, None] - self.sliding_window
+        mask = visible_keys(positions[:, None], key_positions, self.sliding_window)  # [num_seqs, key_len]
         attended = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask[:, None, None, :],
                                                   enable_gqa=True)  # [num_seqs, num_heads, 1, head_dim]
         return attended[:, :, 0, :]

@@ -24,7 +24,7 @@ import torch
 
 from lora_server.kernels.lora_batch import NO_SLOT, TokenSlots
 from lora_server.model.llama import LlamaModel
-from lora_server.model.paged_cache import PagedKVCache, PagedSequenceChunk
+from lora_server.model.paged_cache import PagedKVCache, PagedSequenceChunk, padded_block_tables
 
 MAX_LORA_BATCHES = 2  # own terms, and a merged adapter's compensation term (server.model.merge)
 CUDA_GRAPH_SETTINGS = ("auto", "on", "off")
@@ -67,7 +67,6 @@ class DecodeGraphs:
         self.model = model
         self.kv_cache = kv_cache
         self.buckets = graph_buckets(max_rows)
-        self.max_lora_rank = max_lora_rank
         device = kv_cache.device
         # Static inputs, every row of the largest bucket; a bucket's step reads their first rows (views).
         self.inputs = torch.zeros(4, max_rows, dtype=torch.int64, device=device)  # ids, positions, slots, lengths
@@ -108,14 +107,12 @@ class DecodeGraphs:
         padding = bucket - num_rows
         scratch = self.kv_cache.scratch_block
         # Host integers for every buffer, padded to the bucket; then one copy per buffer.
-        positions = [chunk.start_position for chunk in chunks]
-        entries = [chunk.block_table[p // size] * size + p % size for chunk, p in zip(chunks, positions, strict=True)]
-        inputs = torch.tensor([[*token_ids, *[0] * padding], [*positions, *[0] * padding],
-                               [*entries, *[scratch * size] * padding],
-                               [*(p + 1 for p in positions), *[1] * padding]], dtype=torch.int64)
-        num_blocks = [p // size + 1 for p in positions]
-        width = max(num_blocks)  # columns past a row's own blocks are never read: they keep what they held
-        tables = [[*chunk.block_table[:n], *[0] * (width - n)] for chunk, n in zip(chunks, num_blocks, strict=True)]
+        inputs = torch.tensor([list(token_ids) + [0] * padding, [c.start_position for c in chunks] + [0] * padding,
+                               [c.cache_entry(c.start_position, size) for c in chunks] + [scratch * size] * padding,
+                               [c.context_len for c in chunks] + [1] * padding], dtype=torch.int64)
+        # Columns past a row's own blocks are never read: they keep what they held.
+        tables = padded_block_tables(chunks, size)
+        width = len(tables[0])
         tables += [[scratch] * width] * padding
         self.inputs[:, :bucket].copy_(inputs, non_blocking=True)
         self.block_tables[:bucket, :width].copy_(torch.tensor(tables, dtype=torch.int64), non_blocking=True)

@@ -15,7 +15,7 @@ from importlib.util import find_spec
 import torch
 import torch.nn.functional as F
 
-from lora_server.model.attention import causal_mask
+from lora_server.model.attention import causal_mask, visible_keys
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class PagedSequenceChunk:
     @property
     def context_len(self) -> int:
         return self.start_position + self.num_tokens
+
+    def cache_entry(self, position: int, block_size: int) -> int:
+        """Where position `position` of this sequence has its K/V in the cache (a row of k_cache[layer])."""
+        return self.block_table[position // block_size] * block_size + position % block_size
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ class PagedKVCache:
 
             self._paged_decode = paged_decode_op
             self._paged_prefill = paged_prefill_op
-            self._prefill_tiles = lambda query_lens: prefill_tiles(query_lens, BLOCK_Q)
+            self._prefill_tiles = prefill_tiles
             self._prefill_block_q = BLOCK_Q
 
     @property
@@ -124,13 +128,13 @@ class PagedKVCache:
     def set_batch(self, chunks: Sequence[PagedSequenceChunk]) -> None:
         """Describe the next forward pass (chunks tile the flat batch in order): every table it needs, built here."""
         size = self.block_size
-        slot_mapping = [chunk.block_table[p // size] * size + p % size
-                        for chunk in chunks for p in range(chunk.start_position, chunk.context_len)]
+        slot_mapping = [chunk.cache_entry(p, size) for chunk in chunks for p in range(chunk.start_position,
+                                                                                      chunk.context_len)]
         decode = [chunk for chunk in chunks if chunk.num_tokens == 1]
         prefill = [chunk for chunk in chunks if chunk.num_tokens > 1]
         prefill_form = self._prefill_form(prefill)
         # Host integers of every table, in the order they are cut apart below: one host-to-device transfer.
-        decode_tables = _padded_block_tables(decode, size)
+        decode_tables = padded_block_tables(decode, size)
         decode_parts = [slot_mapping, [c.token_start for c in decode], [c.context_len for c in decode],
                         [b for table in decode_tables for b in table]]
         prefill_parts = self._prefill_host_parts(prefill_form, prefill)
@@ -164,26 +168,22 @@ class PagedKVCache:
     def _prefill_host_parts(self, form: str | None, prefill: Sequence[PagedSequenceChunk]) -> list[list[int]]:
         """The form's integer tables, host side, each a flat list (cut apart again by `_prefill_tables`)."""
         size = self.block_size
-
-        def entry(chunk: PagedSequenceChunk, position: int) -> int:
-            return chunk.block_table[position // size] * size + position % size
-
         if form == "triton":  # the kernel's per-chunk tables and its grid of query tiles
-            tile_chunks, tile_offsets = self._prefill_tiles([c.num_tokens for c in prefill])
+            tile_chunks, tile_offsets = self._prefill_tiles([c.num_tokens for c in prefill], self._prefill_block_q)
             return [[c.token_start for c in prefill], [c.num_tokens for c in prefill],
                     [c.start_position for c in prefill],
-                    [b for table in _padded_block_tables(prefill, size) for b in table], tile_chunks, tile_offsets]
+                    [b for table in padded_block_tables(prefill, size) for b in table], tile_chunks, tile_offsets]
         if form == "padded":  # rows and positions padded with each chunk's last one, keys with its last entry
             num_queries = max(c.num_tokens for c in prefill)
             num_keys = max(c.context_len for c in prefill)
             query_rows = [c.token_start + min(i, c.num_tokens - 1) for c in prefill for i in range(num_queries)]
             query_positions = [c.start_position + min(i, c.num_tokens - 1) for c in prefill for i in range(num_queries)]
-            key_entries = [entry(c, min(p, c.context_len - 1)) for c in prefill for p in range(num_keys)]
+            key_entries = [c.cache_entry(min(p, c.context_len - 1), size) for c in prefill for p in range(num_keys)]
             out_rows = [c.token_start + i for c in prefill for i in range(c.num_tokens)]
             out_index = [n * num_queries + i for n, c in enumerate(prefill) for i in range(c.num_tokens)]
             return [query_rows, query_positions, key_entries, out_rows, out_index]
         if form == "loop":  # each chunk's cache entries, chunk after chunk
-            return [[entry(c, p) for c in prefill for p in range(c.context_len)]]
+            return [[c.cache_entry(p, size) for c in prefill for p in range(c.context_len)]]
         return []
 
     def _prefill_tables(self, form: str | None, prefill: Sequence[PagedSequenceChunk],
@@ -198,9 +198,7 @@ class PagedKVCache:
             num_chunks = len(prefill)
             query_positions = query_positions.view(num_chunks, -1, 1)  # [C, P, 1]
             key_positions = torch.arange(key_entries.shape[0] // num_chunks, device=self.device)  # [K]
-            mask = key_positions <= query_positions  # [C, P, K]
-            if self.sliding_window is not None:
-                mask &= key_positions > query_positions - self.sliding_window
+            mask = visible_keys(query_positions, key_positions, self.sliding_window)  # [C, P, K]
             return {"padded_prefill": PaddedPrefill(query_rows.view(num_chunks, -1),
                                                     key_entries.view(num_chunks, -1), mask[:, None], out_rows,
                                                     out_index)}
@@ -239,9 +237,7 @@ class PagedKVCache:
         last = (context_lens - 1)[:, None]  # [num_decode, 1]: each decode token's own position
         clamped = torch.minimum(key_positions, last)
         key_indices = block_tables.gather(1, clamped // size) * size + clamped % size
-        mask = key_positions <= last
-        if self.sliding_window is not None:
-            mask &= key_positions > last - self.sliding_window
+        mask = visible_keys(last, key_positions, self.sliding_window)
         return key_indices, mask[:, None, None, :]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -315,7 +311,7 @@ def resolve_attention_backend(name: str, device: torch.device, block_size: int) 
     return name
 
 
-def _padded_block_tables(chunks: Sequence[PagedSequenceChunk], block_size: int) -> list[list[int]]:
+def padded_block_tables(chunks: Sequence[PagedSequenceChunk], block_size: int) -> list[list[int]]:
     """Each chunk's blocks up to its context, padded with block 0 (never read: past the context) to one width."""
     tables = [list(chunk.block_table[: -(-chunk.context_len // block_size)]) for chunk in chunks]
     width = max(map(len, tables), default=0)
